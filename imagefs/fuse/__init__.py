@@ -1,0 +1,1 @@
+"""FUSE front: translates pyfuse3 calls onto the union view."""

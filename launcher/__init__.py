@@ -1,0 +1,1 @@
+"""Mesos-style containerizer."""

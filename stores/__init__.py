@@ -1,0 +1,1 @@
+"""Content-addressed image stores and the sources they pull from."""
