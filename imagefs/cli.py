@@ -1,0 +1,246 @@
+"""The `imagefs` command line: argument parsing and output only; the work lives in the packages.
+
+Every ImagefsError becomes one line on stderr (`imagefs: <what>: <why>`) and its exit status;
+anything unexpected is logged with its traceback only under -v and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from imagefs.errors import EXIT_RUNTIME, EXIT_USAGE, ImagefsError, InputError, NotFound
+from stores.model import Layer
+from stores.reference import parse_reference
+from stores.store import ImageRecord, Store
+
+log = logging.getLogger("imagefs")
+
+DEFAULT_STORE = "/var/lib/imagefs/store"
+DEFAULT_WORK = "/var/lib/imagefs/work"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+        raise InputError(self.prog.removeprefix("imagefs").strip() or "usage", message)
+
+
+def _source_arguments(p: argparse.ArgumentParser) -> None:
+    """Options saying how to reach sources; accepted before or after the command. Their defaults
+    are applied in `source_options` (argparse lets a subcommand's defaults clobber the main
+    parser's values, so both leave them unset)."""
+    p.add_argument("--insecure-registry", action="append", default=argparse.SUPPRESS, metavar="HOST",
+                   help="use plain HTTP / skip TLS verification for HOST (repeatable)")
+    p.add_argument("--ca-file", default=argparse.SUPPRESS, help="extra CA bundle for registries ($IMAGEFS_CA_FILE)")
+    p.add_argument("--auth-file", default=argparse.SUPPRESS,
+                   help="docker config.json with credentials ($IMAGEFS_AUTH_FILE, else ~/.docker/config.json)")
+    p.add_argument("--appc-discovery", default=argparse.SUPPRESS, metavar="PREFIX",
+                   help="directory or http(s) URL prefix for Appc simple discovery ($IMAGEFS_APPC_DISCOVERY)")
+    p.add_argument("--platform", default=argparse.SUPPRESS, metavar="OS/ARCH[/VARIANT]",
+                   help="platform to pick from multi-platform images (default: this host's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="imagefs", description="Lazy-pulling container image filesystem and launcher.")
+    p.add_argument("--store", default=os.environ.get("IMAGEFS_STORE", DEFAULT_STORE), help="image store directory")
+    p.add_argument("--work-dir", default=os.environ.get("IMAGEFS_WORK_DIR", DEFAULT_WORK), help="containers and mounts")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    _source_arguments(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    sources = _Parser(add_help=False)
+    _source_arguments(sources)
+    s = sub.add_parser("pull", help="fetch manifest, config and layer indexes", parents=[sources])
+    s.add_argument("ref")
+    s.add_argument("--all-layers", action="store_true", help="keep whole layers locally too")
+    sub.add_parser("images", help="list images in the store")
+    s = sub.add_parser("inspect", help="manifest, config, layers, index status")
+    s.add_argument("ref")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("rmi", help="forget image references")
+    s.add_argument("refs", nargs="+", metavar="REF")
+    sub.add_parser("gc", help="delete unreferenced blobs, indexes and chunks")
+    return p
+
+
+def source_options(args: argparse.Namespace):
+    from stores.pull import SourceOptions
+
+    insecure = set(getattr(args, "insecure_registry", []))
+    insecure.update(h for h in os.environ.get("IMAGEFS_INSECURE_REGISTRIES", "").split(",") if h)
+    return SourceOptions(appc_discovery=getattr(args, "appc_discovery", os.environ.get("IMAGEFS_APPC_DISCOVERY")),
+                         auth_file=getattr(args, "auth_file", os.environ.get("IMAGEFS_AUTH_FILE")),
+                         insecure=frozenset(insecure),
+                         ca_file=getattr(args, "ca_file", os.environ.get("IMAGEFS_CA_FILE")),
+                         cache_dir=os.path.join(args.store, "tmp", "appc"))
+
+
+def _platform(args: argparse.Namespace):
+    from stores.manifest import parse_platform
+
+    text = getattr(args, "platform", None)
+    return parse_platform(text) if text else None
+
+
+def normalise(ref: str) -> str:
+    """The form refs are stored under (`docker://` added, defaults filled in)."""
+    try:
+        return str(parse_reference(ref))
+    except InputError:
+        return ref
+
+
+def find_image(store: Store, ref: str) -> ImageRecord:
+    image_id = store.lookup(normalise(ref)) or store.lookup(ref)
+    if image_id is None:
+        raise NotFound(ref, "no such image in the store (imagefs pull it first)")
+    return store.load(image_id)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from imagefs.progress import progress_for
+    from stores.pull import pull
+
+    store = Store(args.store)
+    with progress_for(sys.stderr, quiet=args.quiet) as progress:
+        record = pull(store, args.ref, options=source_options(args), platform=_platform(args),
+                      all_layers=args.all_layers, progress=progress)
+    if not args.quiet:
+        print(f"{record.refs[0] if record.refs else args.ref} {record.id[:12]}")
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    by_image: dict[str, list[str]] = {}
+    for ref, image_id in store.refs().items():
+        by_image.setdefault(image_id, []).append(ref)
+    rows = []
+    for image_id in store.image_ids():
+        try:
+            record = store.load(image_id)
+        except ImagefsError as e:
+            log.warning("%s", e.line())
+            continue
+        local = store.local_bytes(record.image)
+        for ref in by_image.get(image_id, ["<none>"]):
+            rows.append((ref, image_id[:12], _human(record.size), _human(local)))
+    header = ("REFERENCE", "IMAGE ID", "SIZE", "LOCAL")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def inspect_doc(store: Store, record: ImageRecord) -> dict:
+    image = record.image
+    return {
+        "id": record.id,
+        "refs": list(record.refs),
+        "source": record.source,
+        "manifest_digest": image.manifest_digest,
+        "config_digest": image.config_digest,
+        "config": {"entrypoint": list(image.runtime.entrypoint), "cmd": list(image.runtime.cmd),
+                   "env": list(image.runtime.env), "workdir": image.runtime.workdir,
+                   "user": image.runtime.user, "labels": image.runtime.labels,
+                   "os": image.runtime.os, "architecture": image.runtime.architecture},
+        "layers": [_layer_doc(store, layer) for layer in image.layers],
+        "size": record.size,
+        "local_bytes": store.local_bytes(image),
+    }
+
+
+def _layer_doc(store: Store, layer: Layer) -> dict:
+    return {"digest": layer.digest, "media_type": layer.media_type, "size": layer.size,
+            "compression": layer.compression, "root": layer.root,
+            "indexed": store.has_index(layer.digest), "blob_local": store.has_blob(layer.digest)}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    doc = inspect_doc(store, find_image(store, args.ref))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"Image:     {doc['id']}")
+    print(f"Refs:      {', '.join(doc['refs']) or '<none>'}")
+    print(f"Source:    {doc['source']}")
+    print(f"Manifest:  {doc['manifest_digest']}")
+    print(f"Config:    {doc['config_digest']}")
+    cfg = doc["config"]
+    print(f"Platform:  {cfg['os']}/{cfg['architecture']}")
+    print(f"Entrypoint: {json.dumps(cfg['entrypoint'])}  Cmd: {json.dumps(cfg['cmd'])}")
+    print(f"Env:       {json.dumps(cfg['env'])}")
+    if cfg["workdir"] or cfg["user"]:
+        print(f"Workdir:   {cfg['workdir'] or '/'}  User: {cfg['user'] or 'root'}")
+    print(f"Size:      {_human(doc['size'])} ({_human(doc['local_bytes'])} local)")
+    print("Layers:")
+    for layer in doc["layers"]:
+        state = ("indexed" if layer["indexed"] else "no index") + (", local" if layer["blob_local"] else ", lazy")
+        print(f"  {layer['digest']}  {_human(layer['size']):>10}  {layer['compression']:<5} {state}")
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    status = 0
+    for ref in args.refs:
+        name = normalise(ref)
+        if name not in store.refs() and ref in store.refs():
+            name = ref
+        try:
+            image_id = store.remove_ref(name)
+        except ImagefsError as e:
+            print(e.line(), file=sys.stderr)
+            status = e.status
+            continue
+        print(f"untagged {name} ({image_id[:12]})")
+    return status
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    removed = Store(args.store).gc()
+    print(f"removed {removed['images']} images, {removed['blobs']} blobs, {removed['indexes']} indexes, "
+          f"{removed['chunks']} chunk caches ({_human(removed['bytes'])})")
+    return 0
+
+
+COMMANDS = {"pull": cmd_pull, "images": cmd_images, "inspect": cmd_inspect, "rmi": cmd_rmi, "gc": cmd_gc}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    verbose = 0
+    try:
+        args = build_parser().parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+                            format="imagefs: %(message)s")
+        return COMMANDS[args.command](args)
+    except ImagefsError as e:
+        print(e.line(), file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print("imagefs: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line, the traceback only when asked for
+        if verbose:
+            log.exception("unexpected error")
+        print(f"imagefs: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    finally:
+        logging.shutdown()
+    return EXIT_USAGE

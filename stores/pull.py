@@ -1,0 +1,107 @@
+"""Pull: reference -> source -> verified manifest, config and layer indexes in the store.
+
+Layers are fetched whole once (resumable, verified), indexed in one streaming pass, and then
+dropped unless `all_layers`: from then on the lazy read path fetches only the ranges tasks read.
+A layer whose index and (if wanted) blob are already present is not fetched again, so an
+interrupted pull resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stores.manifest import resolve
+from stores.model import Layer, Platform
+from stores.reference import parse_reference
+from stores.source import Source
+from stores.sources import open_source
+from stores.store import ImageRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceOptions:
+    """How to reach sources: registry TLS and auth, Appc discovery. Passed through to sources."""
+
+    appc_discovery: str | None = None
+    auth_file: str | None = None
+    insecure: frozenset[str] = frozenset()
+    ca_file: str | None = None
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def open(self, reference: str) -> Source:
+        registry_opts = dict(self.extra)
+        if self.auth_file:
+            registry_opts["auth_file"] = self.auth_file
+        if self.insecure:
+            registry_opts["insecure"] = self.insecure
+        if self.ca_file:
+            registry_opts["ca_file"] = self.ca_file
+        return open_source(parse_reference(reference), appc_discovery=self.appc_discovery,
+                           cache_dir=self.cache_dir, **registry_opts)
+
+
+class PullProgress:
+    """What pull reports; the CLI renders it (a no-op by default)."""
+
+    def start(self, image_id: str, layers: list[Layer]) -> None: ...
+    def layer_start(self, layer: Layer, already: bool) -> None: ...
+    def advance(self, layer: Layer, nbytes: int) -> None: ...
+    def layer_done(self, layer: Layer) -> None: ...
+
+
+def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
+         platform: Platform | None = None, all_layers: bool = False,
+         progress: PullProgress | None = None) -> ImageRecord:
+    options = options or SourceOptions()
+    progress = progress or PullProgress()
+    ref = parse_reference(reference)
+    with store.using(), options.open(reference) as source:
+        image = resolve(source, platform)
+        store.put_blob(image.manifest_digest, image.manifest)
+        store.put_blob(image.config_digest, image.config)
+        progress.start(image.id, list(image.layers))
+        for layer in image.layers:
+            ensure_layer(store, source, layer, keep_blob=all_layers, progress=progress)
+        store.save_image(image, source.pinned(image.manifest_digest), [str(ref)])
+    return store.load(image.id)
+
+
+def ensure_layer(store: Store, source: Source, layer: Layer, *, keep_blob: bool,
+                 progress: PullProgress) -> None:
+    """Make the layer's index (and blob, if *keep_blob*) present in the store."""
+    if store.has_index(layer.digest) and (not keep_blob or store.has_blob(layer.digest)):
+        progress.layer_start(layer, already=True)
+        progress.layer_done(layer)
+        return
+    progress.layer_start(layer, already=False)
+    with store.blob_lock(layer.digest):
+        had_blob = store.has_blob(layer.digest)
+        path = store.fetch_blob_locked(
+            layer.digest, layer.size,
+            lambda offset: source.open_blob(layer.digest, layer.size, offset),
+            lambda n: progress.advance(layer, n))
+        if not store.has_index(layer.digest):
+            store.put_index(layer.digest, build_layer_index(path, layer))
+        if not keep_blob and not had_blob:
+            path.unlink()
+    progress.layer_done(layer)
+
+
+def build_layer_index(path: Path, layer: Layer) -> bytes:
+    from imagefs.index import build_index  # the index builder lives with the filesystem
+
+    def chunks() -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                yield block
+
+    warn: Callable[[str], None] = lambda msg: log.warning("layer %s: %s", layer.digest[:19], msg)  # noqa: E731
+    index = build_index(chunks(), digest=layer.digest, size=layer.size,
+                        compression=layer.compression, root=layer.root, warn=warn)
+    return index.to_bytes()
