@@ -1,0 +1,149 @@
+"""A sparse local copy of one remote layer blob, filled chunk by chunk, every chunk verified.
+
+    STORE/chunks/<layer-hex>/data      the blob's bytes at their own offsets (a sparse file)
+    STORE/chunks/<layer-hex>/present   one byte per chunk: 1 once that chunk's data is durable
+
+A read names a byte range of the compressed blob; the chunks it touches that are missing are
+fetched (neighbouring misses coalesced into one range request, at most `max_run` chunks each),
+checked against the index's per-chunk sha256, written, fsynced, and only then marked present, so a
+crash never leaves a chunk marked that was not written. A chunk that fails its digest is fetched
+once more and then reported as `ChunkCorrupt`: wrong bytes are never served.
+
+Concurrency: `read` is called from many worker threads. A chunk being fetched by one thread is
+waited on by the others (never fetched twice). Several processes may share a cache directory; the
+worst case there is a chunk fetched twice, written with identical verified bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from imagefs.errors import RuntimeFailure
+
+Fetch = Callable[[int, int], bytes]  # (start, length) -> exactly length bytes of the blob
+
+
+class ChunkCorrupt(RuntimeFailure):
+    """A fetched range did not match the chunk digests in the index (twice)."""
+
+
+class ChunkCache:
+    def __init__(self, directory: Path, size: int, chunk_size: int, digests: Sequence[bytes] | None,
+                 fetch: Fetch, *, max_run: int = 8, what: str = "layer") -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.nchunks = (size + chunk_size - 1) // chunk_size
+        if digests is not None and len(digests) != self.nchunks:
+            raise ValueError(f"{len(digests)} chunk digests for {self.nchunks} chunks")
+        self.digests = digests
+        self.max_run = max_run
+        self.what = what
+        self._fetch = fetch
+        directory.mkdir(parents=True, exist_ok=True)
+        self._data = os.open(directory / "data", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._present_fd = os.open(directory / "present", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if os.fstat(self._data).st_size != size:
+            os.ftruncate(self._data, size)
+        present = os.pread(self._present_fd, self.nchunks, 0)
+        self._present = bytearray(present.ljust(self.nchunks, b"\0"))
+        self._lock = threading.Lock()
+        self._inflight: dict[int, threading.Event] = {}
+        self.fetched_bytes = 0  # network bytes this object fetched (for stats and tests)
+
+    def close(self) -> None:
+        os.close(self._data)
+        os.close(self._present_fd)
+
+    def present_count(self) -> int:
+        with self._lock:
+            return sum(self._present)
+
+    def complete(self) -> bool:
+        return self.present_count() == self.nchunks
+
+    def read(self, start: int, length: int) -> bytes:
+        """Bytes [start, start+length) of the blob (clamped to its end), fetching what is missing."""
+        end = min(start + length, self.size)
+        if start >= end:
+            return b""
+        self.ensure(start // self.chunk_size, (end - 1) // self.chunk_size + 1)
+        data = os.pread(self._data, end - start, start)
+        if len(data) != end - start:
+            raise RuntimeFailure(self.what, "chunk cache file shorter than the blob")
+        return data
+
+    def ensure(self, first: int, last: int) -> None:
+        """Make chunks [first, last) present."""
+        while True:
+            mine: list[int] = []
+            waits: list[threading.Event] = []
+            with self._lock:
+                for c in range(first, last):
+                    if self._present[c]:
+                        continue
+                    event = self._inflight.get(c)
+                    if event is None:
+                        self._inflight[c] = threading.Event()
+                        mine.append(c)
+                    else:
+                        waits.append(event)
+            if mine:
+                try:
+                    for run in _runs(mine, self.max_run):
+                        self._fetch_run(run[0], run[-1] + 1)
+                finally:
+                    with self._lock:
+                        for c in mine:
+                            self._inflight.pop(c).set()
+            for event in waits:
+                event.wait()
+            if not waits:
+                return
+            # Someone else fetched those: loop to check they succeeded (or fetch them ourselves).
+
+    def _fetch_run(self, first: int, last: int) -> None:
+        start = first * self.chunk_size
+        end = min(last * self.chunk_size, self.size)
+        for attempt in (1, 2):
+            data = self._fetch(start, end - start)
+            with self._lock:
+                self.fetched_bytes += len(data)
+            if len(data) != end - start:
+                raise RuntimeFailure(self.what, f"short range read at {start}: {len(data)} of {end - start} bytes")
+            bad = self._bad_chunks(first, data)
+            if not bad:
+                break
+            if attempt == 2:
+                raise ChunkCorrupt(self.what, f"chunk {bad[0]} does not match its digest in the index")
+        os.pwrite(self._data, data, start)
+        os.fdatasync(self._data)
+        os.pwrite(self._present_fd, b"\1" * (last - first), first)
+        with self._lock:
+            for c in range(first, last):
+                self._present[c] = 1
+
+    def _bad_chunks(self, first: int, data: bytes) -> list[int]:
+        if self.digests is None:
+            return []
+        bad = []
+        view = memoryview(data)
+        for i in range(0, len(data), self.chunk_size):
+            c = first + i // self.chunk_size
+            if hashlib.sha256(view[i:i + self.chunk_size]).digest() != self.digests[c]:
+                bad.append(c)
+        return bad
+
+
+def _runs(chunks: list[int], max_run: int) -> list[list[int]]:
+    """Split sorted chunk numbers into runs of consecutive numbers, each at most *max_run* long."""
+    runs: list[list[int]] = []
+    for c in chunks:
+        if runs and runs[-1][-1] == c - 1 and len(runs[-1]) < max_run:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return runs

@@ -1,0 +1,112 @@
+"""The chunk cache: fetch only what is read, coalesce, never fetch twice, never serve bad bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+
+import pytest
+
+from imagefs.chunkcache import ChunkCache, ChunkCorrupt
+from imagefs.errors import RuntimeFailure
+
+CHUNK = 4096
+
+
+class Remote:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.calls: list[tuple[int, int]] = []
+        self.corrupt_next = 0
+        self.lock = threading.Lock()
+        self.gate: threading.Event | None = None
+
+    def fetch(self, start: int, length: int) -> bytes:
+        with self.lock:
+            self.calls.append((start, length))
+        if self.gate:
+            self.gate.wait(10)
+        out = bytearray(self.data[start:start + length])
+        if self.corrupt_next:
+            self.corrupt_next -= 1
+            out[0] ^= 0xFF
+        return bytes(out)
+
+
+def digests(data: bytes) -> list[bytes]:
+    return [hashlib.sha256(data[i:i + CHUNK]).digest() for i in range(0, len(data), CHUNK)]
+
+
+@pytest.fixture
+def blob():
+    return random.Random(7).randbytes(CHUNK * 20 + 123)
+
+
+def test_reads_fetch_only_touched_chunks_and_coalesce(tmp_path, blob):
+    remote = Remote(blob)
+    cache = ChunkCache(tmp_path, len(blob), CHUNK, digests(blob), remote.fetch, max_run=4)
+    assert cache.read(CHUNK * 2 + 10, 100) == blob[CHUNK * 2 + 10:CHUNK * 2 + 110]
+    assert remote.calls == [(CHUNK * 2, CHUNK)]
+    assert cache.read(CHUNK, CHUNK * 6) == blob[CHUNK:CHUNK * 7]  # chunk 2 present: runs 1, then 3-6
+    assert remote.calls[1:] == [(CHUNK, CHUNK), (CHUNK * 3, CHUNK * 4)]
+    assert cache.read(len(blob) - 50, 500) == blob[-50:]  # clamped at the end, short last chunk
+    cache.close()
+    # a new cache object on the same directory (a new server) reuses what is present
+    remote2 = Remote(blob)
+    cache2 = ChunkCache(tmp_path, len(blob), CHUNK, digests(blob), remote2.fetch)
+    assert cache2.read(CHUNK, CHUNK * 6) == blob[CHUNK:CHUNK * 7]
+    assert remote2.calls == []
+    cache2.close()
+
+
+def test_corrupt_range_is_refetched_then_refused(tmp_path, blob):
+    remote = Remote(blob)
+    cache = ChunkCache(tmp_path, len(blob), CHUNK, digests(blob), remote.fetch)
+    remote.corrupt_next = 1
+    assert cache.read(0, 10) == blob[:10]
+    assert len(remote.calls) == 2
+    remote.corrupt_next = 2
+    with pytest.raises(ChunkCorrupt):
+        cache.read(CHUNK * 5, 10)
+    assert cache.present_count() == 1  # the bad chunk was not marked present
+    assert cache.read(CHUNK * 5, 10) == blob[CHUNK * 5:CHUNK * 5 + 10]  # and recovers later
+    cache.close()
+
+
+def test_short_fetch_is_an_error(tmp_path, blob):
+    cache = ChunkCache(tmp_path, len(blob), CHUNK, None, lambda s, n: blob[s:s + n - 1])
+    with pytest.raises(RuntimeFailure, match="short range read"):
+        cache.read(0, 1)
+    cache.close()
+
+
+def test_concurrent_readers_fetch_a_chunk_once(tmp_path, blob):
+    remote = Remote(blob)
+    remote.gate = threading.Event()
+    cache = ChunkCache(tmp_path, len(blob), CHUNK, digests(blob), remote.fetch)
+    results: list[bytes] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.read(CHUNK * 3, CHUNK))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    # every thread is either fetching or waiting on the fetcher's event before the gate opens
+    from tests.support.images import wait_until
+    wait_until(lambda: len(remote.calls) == 1 and len(cache._inflight) == 1, what="one fetch in flight")
+    remote.gate.set()
+    for t in threads:
+        t.join(10)
+    assert results == [blob[CHUNK * 3:CHUNK * 4]] * 8
+    assert remote.calls == [(CHUNK * 3, CHUNK)]
+    cache.close()
+
+
+def test_failed_fetch_leaves_chunk_missing(tmp_path, blob):
+    def broken(start, length):
+        raise RuntimeFailure("registry", "down")
+    cache = ChunkCache(tmp_path, len(blob), CHUNK, digests(blob), broken)
+    with pytest.raises(RuntimeFailure):
+        cache.read(0, 10)
+    assert cache.present_count() == 0
+    assert os.path.getsize(tmp_path / "data") == len(blob)
+    cache.close()
