@@ -1,0 +1,273 @@
+"""Random-access reads of a layer's uncompressed tar stream, through its index.
+
+`LayerReader.read(uoffset, length)` returns bytes of the *uncompressed* tar; `fetch(start, length)`
+supplies bytes of the *compressed* blob (a local file, a verified chunk cache, HTTP range reads:
+the caller decides, and verifies with `verify_chunk`).
+
+- none: uncompressed offsets are blob offsets; reads go straight to fetch.
+- gzip: the span between two seek points is the unit. It is fetched, inflated from its seek point
+  (`zran.inflate_span`) and kept whole in a byte-bounded LRU, so sequential reads (128 KiB at a
+  time from FUSE) inflate each span once.
+- zstd: the region between two seek points (frame starts) is decoded sequentially by a cursor, a
+  streaming decompressor that continues across frames, and cached in pieces of `index.span`
+  bytes. An idle cursor is kept to continue from where it stopped, so sequential reads decompress
+  once; a read behind every cursor restarts from the region's seek point. A single-frame zstd layer
+  has one region: it is read from its beginning (whole, for a read near its end).
+
+Concurrency: every method is thread-safe (worker threads call `read` at once). One lock guards the
+cache, the in-flight table and the idle cursors; decompression and fetches run outside it (libz
+and zstd release the GIL), and a piece being decoded by one thread is waited for by the others,
+never decoded twice at once. The cache holds at most `cache_bytes` of decompressed data (a piece
+larger than that is returned without being cached).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import zstandard
+
+from imagefs import zran
+from imagefs.entry import Entry
+from imagefs.errors import InputError, RuntimeFailure
+from imagefs.index import LayerIndex
+
+Fetch = Callable[[int, int], bytes]  # (start, length) -> exactly length bytes
+_Key = tuple[int, int]  # (seek point, piece within its region)
+
+DEFAULT_CACHE_BYTES = 64 << 20
+
+
+def verify_chunk(index: LayerIndex, chunk_no: int, data: bytes) -> bool:
+    """Whether *data* is chunk *chunk_no* of the layer blob (length and sha256 both right)."""
+    if not 0 <= chunk_no < len(index.chunk_digests):
+        return False
+    expected = min(index.chunk_size, index.compressed_size - chunk_no * index.chunk_size)
+    return len(data) == expected and hashlib.sha256(data).digest() == index.chunk_digests[chunk_no]
+
+
+class _FetchStream:
+    """A read-only file over fetch(), from *start* to *end* of the blob, for zstd's stream_reader."""
+
+    def __init__(self, fetch: Fetch, start: int, end: int, what: str) -> None:
+        self._fetch, self._pos, self._end, self._what = fetch, start, end, what
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._end - self._pos if n < 0 else min(n, self._end - self._pos)
+        if n <= 0:
+            return b""
+        data = self._fetch(self._pos, n)
+        if len(data) != n:
+            raise RuntimeFailure(self._what, f"short read at {self._pos}: {len(data)} of {n} bytes")
+        self._pos += n
+        return data
+
+
+class _ZstdCursor:
+    """A zstd decompressor positioned at uncompressed offset `pos` inside region `region`."""
+
+    def __init__(self, fetch: Fetch, index: LayerIndex, region: int, what: str) -> None:
+        point = index.points[region]
+        self.region, self.pos = region, point.uoffset
+        # Regions end at frame starts: never fetch (read ahead) past the region's last frame.
+        end = index.points[region + 1].coffset if region + 1 < len(index.points) else index.compressed_size
+        src = _FetchStream(fetch, point.coffset, end, what)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            src, read_size=index.chunk_size, read_across_frames=True)
+
+    def read_exact(self, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            data = self._reader.read(n - got)
+            if not data:
+                raise zstandard.ZstdError(f"data ended {n - got} bytes early")
+            parts.append(data)
+            got += len(data)
+        self.pos += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class LayerReader:
+    """Reads of one layer's uncompressed tar stream (see the module docstring)."""
+
+    def __init__(self, index: LayerIndex, fetch: Fetch, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 fetch_index: Fetch | None = None, max_cursors: int = 2) -> None:
+        """*fetch_index* range-reads the serialised index; needed only when *index* came from
+        `LayerIndex.from_meta` (windows not in memory) and the layer is gzip."""
+        if index.windows is None and fetch_index is None and index.compression == "gzip":
+            raise ValueError("index has no windows section: pass fetch_index")
+        self.index = index
+        self.cache_bytes = cache_bytes
+        self.decoded = 0  # pieces decompressed so far (for stats and tests)
+        self._fetch = fetch
+        self._fetch_index = fetch_index
+        self._what = f"layer {index.digest}"
+        self._starts = [p.uoffset for p in index.points]
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[_Key, bytes] = OrderedDict()
+        self._cached = 0
+        self._inflight: dict[_Key, threading.Event] = {}
+        self._cursors: list[_ZstdCursor] = []  # idle ones, oldest first
+        self._max_cursors = max_cursors
+
+    @property
+    def cached_bytes(self) -> int:
+        """Decompressed bytes held in the cache now (never more than `cache_bytes`)."""
+        with self._lock:
+            return self._cached
+
+    def close(self) -> None:
+        with self._lock:
+            cursors, self._cursors = self._cursors, []
+            self._cache.clear()
+            self._cached = 0
+        for c in cursors:
+            c.close()
+
+    def read_entry(self, entry: Entry, offset: int, length: int) -> bytes:
+        """Up to *length* bytes of *entry*'s data from *offset* (short only at its end)."""
+        if offset >= entry.size or length <= 0:
+            return b""
+        return self.read(entry.offset + offset, min(length, entry.size - offset))
+
+    def read(self, uoffset: int, length: int) -> bytes:
+        """Bytes [uoffset, uoffset+length) of the uncompressed tar stream, clamped to its end."""
+        if uoffset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(uoffset + length, self.index.uncompressed_size)
+        if uoffset >= end:
+            return b""
+        if self.index.compression == "none":
+            data = self._fetch(uoffset, end - uoffset)
+            if len(data) != end - uoffset:
+                raise RuntimeFailure(self._what, f"short read at {uoffset}")
+            return data
+        parts: list[memoryview] = []
+        pos = uoffset
+        while pos < end:
+            key, start, stop = self._piece_at(pos)
+            data = self._get(key, start, stop)
+            take = min(end, stop) - pos
+            parts.append(memoryview(data)[pos - start:pos - start + take])
+            pos += take
+        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+
+    # -- pieces -----------------------------------------------------------------------------------
+
+    def _region_end(self, i: int) -> int:
+        return self._starts[i + 1] if i + 1 < len(self._starts) else self.index.uncompressed_size
+
+    def _piece_at(self, pos: int) -> tuple[_Key, int, int]:
+        """The cache key and uncompressed extent of the piece holding *pos*."""
+        i = bisect.bisect_right(self._starts, pos) - 1
+        start, stop = self._starts[i], self._region_end(i)
+        if self.index.compression == "gzip":
+            return (i, 0), start, stop
+        k = (pos - start) // self.index.span
+        piece_start = start + k * self.index.span
+        return (i, k), piece_start, min(piece_start + self.index.span, stop)
+
+    def _get(self, key: _Key, start: int, stop: int) -> bytes:
+        while True:
+            with self._lock:
+                data = self._cache.get(key)
+                if data is not None:
+                    self._cache.move_to_end(key)
+                    return data
+                event = self._inflight.get(key)
+                mine = event is None
+                if mine:
+                    event = self._inflight[key] = threading.Event()
+            assert event is not None
+            if not mine:
+                event.wait()  # then look again: cached now, or failed (and we try ourselves)
+                continue
+            try:
+                data = self._decode(key, start, stop)
+                self._put(key, data)
+                return data
+            finally:
+                with self._lock:
+                    del self._inflight[key]
+                event.set()
+
+    def _put(self, key: _Key, data: bytes) -> None:
+        with self._lock:
+            if len(data) > self.cache_bytes:
+                return
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._cached -= len(old)
+            self._cache[key] = data
+            self._cached += len(data)
+            while self._cached > self.cache_bytes:
+                _, dropped = self._cache.popitem(last=False)
+                self._cached -= len(dropped)
+
+    def _decode(self, key: _Key, start: int, stop: int) -> bytes:
+        with self._lock:
+            self.decoded += 1
+        if self.index.compression == "gzip":
+            return self._inflate(key[0], stop - start)
+        return self._unzstd(key, start, stop)
+
+    def _inflate(self, i: int, length: int) -> bytes:
+        points, index = self.index.points, self.index
+        p = points[i]
+        cstart = p.coffset - (1 if p.bits else 0)
+        cend = points[i + 1].coffset if i + 1 < len(points) else index.compressed_size
+        data = self._fetch(cstart, cend - cstart)
+        if len(data) != cend - cstart:
+            raise RuntimeFailure(self._what, f"short read at {cstart}")
+        if index.windows is not None:
+            window = index.window(i)
+        else:
+            assert self._fetch_index is not None
+            window = index.decode_window(i, self._fetch_index(*index.window_range(i)))
+        try:
+            return zran.inflate_span(data, bits=p.bits, window=window, length=length)
+        except zran.ZlibError as e:
+            raise InputError(self._what, f"does not inflate at seek point {i}: {e}") from None
+
+    def _unzstd(self, key: _Key, start: int, stop: int) -> bytes:
+        region = key[0]
+        with self._lock:  # the idle cursor of this region furthest along but not past the piece
+            usable = [c for c in self._cursors if c.region == region and c.pos <= start]
+            cursor = max(usable, key=lambda c: c.pos, default=None)
+            if cursor is not None:
+                self._cursors.remove(cursor)
+        ok = False
+        try:
+            if cursor is None:
+                cursor = _ZstdCursor(self._fetch, self.index, region, self._what)
+            region_start, span = self._starts[region], self.index.span
+            while cursor.pos < start:  # decode what lies before; cache it, it cost the same
+                k = (cursor.pos - region_start) // span
+                self._put((region, k), cursor.read_exact(span))
+            data = cursor.read_exact(stop - start)
+            ok = True
+        except zstandard.ZstdError as e:
+            raise InputError(self._what, f"does not decompress after seek point {region}: {e}") from None
+        finally:
+            if not ok and cursor is not None:
+                cursor.close()
+        if cursor.pos < self._region_end(region):
+            self._park(cursor)
+        else:
+            cursor.close()
+        return data
+
+    def _park(self, cursor: _ZstdCursor) -> None:
+        with self._lock:
+            self._cursors.append(cursor)
+            evicted = self._cursors[:-self._max_cursors] if self._max_cursors else self._cursors[:]
+            del self._cursors[:len(evicted)]
+        for c in evicted:
+            c.close()
