@@ -34,7 +34,7 @@ def _source_arguments(p: argparse.ArgumentParser) -> None:
     are applied in `source_options` (argparse lets a subcommand's defaults clobber the main
     parser's values, so both leave them unset)."""
     p.add_argument("--insecure-registry", action="append", default=argparse.SUPPRESS, metavar="HOST",
-                   help="use plain HTTP / skip TLS verification for HOST (repeatable)")
+                   help="use plain HTTP for HOST (repeatable; also $IMAGEFS_INSECURE_REGISTRIES)")
     p.add_argument("--ca-file", default=argparse.SUPPRESS, help="extra CA bundle for registries ($IMAGEFS_CA_FILE)")
     p.add_argument("--auth-file", default=argparse.SUPPRESS,
                    help="docker config.json with credentials ($IMAGEFS_AUTH_FILE, else ~/.docker/config.json)")
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rmi", help="forget image references")
     s.add_argument("refs", nargs="+", metavar="REF")
     sub.add_parser("gc", help="delete unreferenced blobs, indexes and chunks")
+    s = sub.add_parser("mount", help="lazily mount an image's merged rootfs read-only", parents=[sources])
+    s.add_argument("ref")
+    s.add_argument("mountpoint")
+    s.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    s = sub.add_parser("umount", help="unmount and stop the serving process")
+    s.add_argument("mountpoint")
     return p
 
 
@@ -219,7 +226,64 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"pull": cmd_pull, "images": cmd_images, "inspect": cmd_inspect, "rmi": cmd_rmi, "gc": cmd_gc}
+def image_or_pull(store: Store, args: argparse.Namespace) -> ImageRecord:
+    """The image *args.ref* names, pulled (lazily: indexes only) if the store lacks it."""
+    try:
+        return find_image(store, args.ref)
+    except NotFound:
+        from stores.pull import pull
+
+        return pull(store, args.ref, options=source_options(args), platform=_platform(args))
+
+
+def _source_flags(args: argparse.Namespace) -> list[str]:
+    """The source options of *args* as flags, for a child process that must reach the same source."""
+    flags = [f"--insecure-registry={h}" for h in getattr(args, "insecure_registry", [])]
+    for name in ("ca_file", "auth_file", "appc_discovery"):
+        value = getattr(args, name, None)
+        if value:
+            local = "://" not in value  # the child runs elsewhere: make paths absolute
+            flags.append(f"--{name.replace('_', '-')}={os.path.abspath(value) if local else value}")
+    return flags + ["-v"] * args.verbose
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from imagefs.fuse import daemon
+
+    store = Store(args.store)
+    mountpoint = os.path.realpath(args.mountpoint)
+    daemon.prepare_mountpoint(mountpoint)
+    record = image_or_pull(store, args)
+    if not args.foreground:
+        daemon.start(daemon.cli_prefix(os.path.abspath(args.store), os.path.abspath(args.work_dir), _source_flags(args)),
+                     record.id, mountpoint, args.work_dir, record.id)
+        return 0
+    from imagefs.fuse.server import serve
+    from imagefs.view import ImageView
+
+    options = source_options(args)
+    view = ImageView.open(store, record, lambda: options.open(record.source))
+
+    def ready() -> None:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready")
+            os.close(args.ready_fd)
+
+    try:
+        serve(view, mountpoint, ready=ready)
+    finally:
+        view.close()
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from imagefs.fuse import daemon
+
+    daemon.stop(args.work_dir, os.path.realpath(args.mountpoint))
+    return 0
+
+
+COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "pull": cmd_pull, "images": cmd_images, "inspect": cmd_inspect, "rmi": cmd_rmi, "gc": cmd_gc}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
