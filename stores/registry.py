@@ -401,7 +401,10 @@ class RegistrySource(Source):
             if status == 404:
                 raise NotFound(what, f"{not_found} ({detail})")
             if status == 416:
-                raise InputError(what, f"range not satisfiable ({response.headers.get('Content-Range', detail)})")
+                # Asked for bytes past the end the registry has: the blob there is truncated.
+                held = response.headers.get("Content-Range", "").rpartition("/")[2]
+                have = f"the registry holds only {held} bytes" if held.isdigit() else "range not satisfiable"
+                raise InputError(what, f"truncated: {have} ({response.headers.get('Content-Range', detail)})")
             raise InputError(what, f"registry answered {detail}")
 
     @property
