@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=os.environ.get("IMAGEFS_WORK_DIR", DEFAULT_WORK), help="containers and mounts")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--cgroup-root", default=os.environ.get("IMAGEFS_CGROUP_ROOT"),
+                   help="where container cgroups go (default: imagefs/ below this process's cgroup)")
     _source_arguments(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -73,6 +75,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     s = sub.add_parser("umount", help="unmount and stop the serving process")
     s.add_argument("mountpoint")
+
+    s = sub.add_parser("run", help="run a command in a container of an image", parents=[sources])
+    s.add_argument("--task", metavar="FILE.json", help="a Mesos-style task description instead of REF CMD")
+    s.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CONTAINER[:ro|rw]")
+    s.add_argument("--cpus", metavar="F")
+    s.add_argument("-m", "--memory", metavar="SIZE")
+    s.add_argument("--pids", metavar="N")
+    s.add_argument("--disk", metavar="SIZE", help="sandbox disk quota (killed when exceeded)")
+    s.add_argument("--hostname")
+    s.add_argument("--network", choices=("none", "host"), default=None)
+    s.add_argument("--backend", choices=("imagefs", "overlay", "copy", "bind"), default=None)
+    s.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    s.add_argument("-w", "--workdir")
+    s.add_argument("-u", "--user")
+    s.add_argument("--name", metavar="ID", help="container id (default: generated)")
+    s.add_argument("--isolation", metavar="A,B,...", help="isolators (default: all)")
+    s.add_argument("-d", "--detach", action="store_true", help="print the container id and return")
+    s.add_argument("ref", nargs="?")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
+    sub.add_parser("ps", help="containers known to this work dir")
+    s = sub.add_parser("kill", help="send a signal to a container (default KILL)")
+    s.add_argument("id")
+    s.add_argument("signal", nargs="?", default="KILL")
+    s = sub.add_parser("wait", help="wait for a container to end; exit with its status")
+    s.add_argument("id")
+    s = sub.add_parser("stats", help="resource usage of a container")
+    s.add_argument("id")
+    s.add_argument("--json", action="store_true")
+    sub.add_parser("recover", help="clean up after a launcher that died: destroy ended containers, remove orphans")
     return p
 
 
@@ -95,16 +126,12 @@ def _platform(args: argparse.Namespace):
     return parse_platform(text) if text else None
 
 
-def normalise(ref: str) -> str:
-    """The form refs are stored under (`docker://` added, defaults filled in)."""
-    try:
-        return str(parse_reference(ref))
-    except InputError:
-        return ref
-
-
 def find_image(store: Store, ref: str) -> ImageRecord:
-    image_id = store.lookup(normalise(ref)) or store.lookup(ref)
+    try:
+        name = str(parse_reference(ref))
+    except InputError:
+        name = ref
+    image_id = store.lookup(name) or store.lookup(ref)
     if image_id is None:
         raise NotFound(ref, "no such image in the store (imagefs pull it first)")
     return store.load(image_id)
@@ -141,7 +168,7 @@ def cmd_images(args: argparse.Namespace) -> int:
         try:
             record = store.load(image_id)
         except ImagefsError as e:
-            log.warning("%s", e.line())
+            log.warning("%s: %s", e.what, e.why)
             continue
         local = store.local_bytes(record.image)
         for ref in by_image.get(image_id, ["<none>"]):
@@ -206,7 +233,10 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     store = Store(args.store)
     status = 0
     for ref in args.refs:
-        name = normalise(ref)
+        try:
+            name = str(parse_reference(ref))
+        except InputError:
+            name = ref
         if name not in store.refs() and ref in store.refs():
             name = ref
         try:
@@ -228,12 +258,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def image_or_pull(store: Store, args: argparse.Namespace) -> ImageRecord:
     """The image *args.ref* names, pulled (lazily: indexes only) if the store lacks it."""
-    try:
-        return find_image(store, args.ref)
-    except NotFound:
-        from stores.pull import pull
+    from stores.pull import find_or_pull
 
-        return pull(store, args.ref, options=source_options(args), platform=_platform(args))
+    return find_or_pull(store, args.ref, source_options(args), _platform(args))
 
 
 def _source_flags(args: argparse.Namespace) -> list[str]:
@@ -283,7 +310,82 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "pull": cmd_pull, "images": cmd_images, "inspect": cmd_inspect, "rmi": cmd_rmi, "gc": cmd_gc}
+def _containerizer(args: argparse.Namespace):
+    from launcher.containerizer import Containerizer
+
+    return Containerizer(Store(args.store), args.work_dir, source_options=source_options(args),
+                         source_flags=_source_flags(args), cgroup_root=args.cgroup_root)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from launcher.run import run_task
+    from launcher.task import parse_task, spec_from_args
+
+    try:
+        if args.task:
+            if args.ref or args.cmd:
+                raise InputError("run", "--task takes no image or command")
+            try:
+                data = open(args.task, "rb").read()
+            except OSError as e:
+                raise InputError(args.task, e.strerror or str(e)) from None
+            spec = parse_task(data, what=args.task)
+        else:
+            if not args.ref:
+                raise InputError("run", "an image reference (or --task FILE) is required")
+            command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            spec = spec_from_args(args.ref, command, volumes=args.volume, cpus=args.cpus, memory=args.memory,
+                                  pids=args.pids, disk=args.disk, hostname=args.hostname, network=args.network,
+                                  backend=args.backend, env=args.env, workdir=args.workdir, user=args.user,
+                                  name=args.name, isolation=args.isolation)
+        return run_task(_containerizer(args), spec, detach=args.detach)
+    except ImagefsError as e:  # run's own failures are 125, like docker's and podman's
+        print(e.line(), file=sys.stderr)
+        return getattr(e, "exit_code", 125)
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from launcher.run import format_ps
+
+    print(format_ps(_containerizer(args)), end="")
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from launcher.run import parse_signal
+
+    _containerizer(args).kill(args.id, parse_signal(args.signal))
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from launcher.run import wait_task
+
+    return wait_task(_containerizer(args), args.id)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = _containerizer(args).usage(args.id)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        for key in sorted(stats):
+            print(f"{key:<28} {stats[key]:g}")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    import trio
+
+    report = trio.run(_containerizer(args).recover)
+    print(f"running: {len(report.running)}  destroyed: {len(report.destroyed)}  orphans removed: {len(report.orphans)}")
+    for cid in report.destroyed:
+        print(f"destroyed {cid}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "ps": cmd_ps, "kill": cmd_kill, "wait": cmd_wait, "stats": cmd_stats,
+            "recover": cmd_recover, "mount": cmd_mount, "umount": cmd_umount, "pull": cmd_pull, "images": cmd_images, "inspect": cmd_inspect, "rmi": cmd_rmi, "gc": cmd_gc}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,6 +72,27 @@ def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
     return store.load(image.id)
 
 
+def find_or_pull(store: Store, reference: str, options: SourceOptions | None = None,
+                 platform: Platform | None = None) -> ImageRecord:
+    """The image *reference* names in the store (by reference or id prefix), pulled lazily (indexes
+    only) when the store does not have it yet, or has it for another platform than *platform*."""
+    from imagefs.errors import InputError, NotFound
+
+    try:
+        name: str | None = str(parse_reference(reference))
+    except InputError:
+        name = None  # maybe an image id prefix
+    image_id = (name and store.lookup(name)) or store.lookup(reference)
+    if image_id is not None:
+        record = store.load(image_id)
+        runtime = record.image.runtime
+        if platform is None or (runtime.os, runtime.architecture) == (platform.os, platform.architecture):
+            return record
+    if name is None:
+        raise NotFound(reference, "no such image in the store, and not a reference to pull")
+    return pull(store, reference, options=options, platform=platform)
+
+
 def ensure_layer(store: Store, source: Source, layer: Layer, *, keep_blob: bool,
                  progress: PullProgress) -> None:
     """Make the layer's index (and blob, if *keep_blob*) present in the store."""

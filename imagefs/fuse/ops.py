@@ -46,7 +46,7 @@ def _errors(fn: F) -> F:
         except NotADirectoryError:
             raise pyfuse3.FUSEError(errno.ENOTDIR) from None
         except ImagefsError as e:
-            log.error("%s: %s", fn.__name__, e.line())
+            log.error("%s: %s", fn.__name__, e)  # "what: why"; the log format adds "imagefs: "
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s failed", fn.__name__)
