@@ -24,6 +24,11 @@ from stores.fsutil import atomic_write
 
 FUSE_TYPES = ("fuse.imagefs", "fuse")
 
+# Servers started by this process, kept until they have exited: a Popen dropped while its child
+# runs warns (ResourceWarning) and leaves reaping to chance. (Matters to long-lived callers such
+# as the launcher; the CLI exits right after `start`.)
+_children: dict[int, subprocess.Popen] = {}
+
 
 @dataclass
 class ServerRecord:
@@ -139,6 +144,10 @@ def start(cli_prefix: list[str], ref: str, mountpoint: str, work_dir: str, image
         why = lines[-1].removeprefix("imagefs: ") if lines else f"server exited with status {status}"
         raise RuntimeFailure(mountpoint, f"mount failed: {why}")
     os.statvfs(mountpoint)  # a barrier: returns once the server answers
+    for pid, child in list(_children.items()):
+        if child.poll() is not None:
+            del _children[pid]
+    _children[proc.pid] = proc
     record = ServerRecord(proc.pid, psutil.Process(proc.pid).create_time(), mountpoint, image_id, str(log_path))
     atomic_write(record_path(work_dir, mountpoint), json.dumps(asdict(record)).encode())
     return record
@@ -169,6 +178,9 @@ def stop(work_dir: str, mountpoint: str, *, timeout: float = 20.0) -> None:
                 proc.kill()
                 proc.wait(5)
     if record is not None:
+        child = _children.pop(record.pid, None)
+        if child is not None and proc is not None:
+            child.wait()  # exited (waited for above): reap it if psutil did not
         record_path(work_dir, mountpoint).unlink(missing_ok=True)
 
 
