@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pull", help="fetch manifest, config and layer indexes", parents=[sources])
     s.add_argument("ref")
     s.add_argument("--all-layers", action="store_true", help="keep whole layers locally too")
+    s.add_argument("--push-index", action="store_true",
+                   help="publish the layer indexes to the image's registry (an OCI artifact referring to it)")
+    s = sub.add_parser("index", help="build an image's layer indexes; --push publishes them to its registry",
+                       parents=[sources])
+    s.add_argument("ref")
+    s.add_argument("--push", action="store_true",
+                   help="publish them as an OCI artifact referring to the image (found by later pulls)")
     sub.add_parser("images", help="list images in the store")
     s = sub.add_parser("inspect", help="manifest, config, layers, index status")
     s.add_argument("ref")
@@ -152,9 +159,48 @@ def cmd_pull(args: argparse.Namespace) -> int:
     store = Store(args.store)
     with progress_for(sys.stderr, quiet=args.quiet) as progress:
         record = pull(store, args.ref, options=source_options(args), platform=_platform(args),
-                      all_layers=args.all_layers, progress=progress)
+                      all_layers=args.all_layers, progress=progress, push_index=args.push_index)
     if not args.quiet:
         print(f"{record.refs[0] if record.refs else args.ref} {record.id[:12]}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Index every layer (reusing the store's indexes, never taking published ones: this is what
+    produces them) and, with --push, publish them; prints each layer's index size."""
+    from imagefs.progress import progress_for
+    from imagefs.publish import publish
+    from stores.pull import pull
+    from stores.reference import DockerReference
+    from stores.registry import RegistrySource
+
+    if args.push and not isinstance(parse_reference(args.ref), DockerReference):
+        raise InputError(args.ref, "indexes can only be published to a registry (docker://...)")
+    store = Store(args.store)
+    options = source_options(args)
+    with progress_for(sys.stderr, quiet=args.quiet) as progress:
+        record = pull(store, args.ref, options=options, platform=_platform(args), progress=progress,
+                      use_published=False)
+    image = record.image
+    layers = {layer.digest: layer for layer in image.layers}
+    index_sizes = {d: store.index_path(d).stat().st_size for d in layers}
+    total_layers, total_indexes = sum(l.size for l in layers.values()), sum(index_sizes.values())
+    if not args.quiet:
+        print(f"{record.refs[0] if record.refs else args.ref} {record.id[:12]}")
+        for digest, layer in layers.items():
+            print(f"  {digest}  layer {_human(layer.size):>10}  index {_human(index_sizes[digest]):>10}"
+                  f"  {100 * index_sizes[digest] / max(layer.size, 1):.2f}%")
+        print(f"indexes {_human(total_indexes)} for {_human(total_layers)} of layers "
+              f"({100 * total_indexes / max(total_layers, 1):.2f}%)")
+    if args.push:
+        with options.open(record.source) as source:
+            if not isinstance(source, RegistrySource):
+                raise InputError(record.source, "indexes can only be published to a registry")
+            done = publish(store, source, image)
+        if not args.quiet:
+            print(f"pushed {done.artifact} ({_human(done.artifact_size + done.index_bytes)}, "
+                  f"{100 * (done.artifact_size + done.index_bytes) / max(total_layers, 1):.2f}% of the layers) "
+                  f"to {record.source.rsplit('@', 1)[0]} ({done.how})")
     return 0
 
 
@@ -385,7 +431,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "ps": cmd_ps, "kill": cmd_kill, "wait": cmd_wait, "stats": cmd_stats,
-            "recover": cmd_recover, "mount": cmd_mount, "umount": cmd_umount, "pull": cmd_pull, "images": cmd_images, "inspect": cmd_inspect, "rmi": cmd_rmi, "gc": cmd_gc}
+            "recover": cmd_recover, "mount": cmd_mount, "umount": cmd_umount, "pull": cmd_pull, "index": cmd_index, "images": cmd_images, "inspect": cmd_inspect, "rmi": cmd_rmi, "gc": cmd_gc}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

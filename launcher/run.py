@@ -1,0 +1,119 @@
+"""`imagefs run`, `wait` and `ps` on top of the containerizer: the foreground behaviour a user sees.
+
+`run` launches, copies the task's stdout and stderr from the sandbox files to its own as they grow
+(the files stay, as Mesos keeps them), forwards SIGINT/SIGTERM/SIGHUP to the task, and exits with
+the task's status once the container is destroyed. With --detach it prints the id and leaves the
+container to `imagefs wait`, `kill` and `recover`.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+
+from imagefs.errors import InputError
+from launcher.containerizer import Containerizer, Termination
+from launcher.spec import TaskSpec
+from launcher.state import RUNNING, TERMINATED
+
+FOLLOW_INTERVAL = 0.05  # how often the output files are checked for growth
+
+
+def parse_signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        number = int(name)
+        if 0 < number < signal.NSIG:
+            return number
+    else:
+        name = name if name.startswith("SIG") else f"SIG{name}"
+        sig = getattr(signal.Signals, name, None) if name in signal.Signals.__members__ else None
+        if sig is not None:
+            return int(sig)
+    raise InputError(text, "not a signal name or number")
+
+
+async def _follow(path: Path, out: BinaryIO, done: trio.Event) -> None:
+    """Copy what is appended to *path* to *out* until *done*, then the rest."""
+    with open(path, "rb") as f:
+        while True:
+            finished = done.is_set()
+            while block := f.read(65536):
+                out.write(block)
+                out.flush()
+            if finished:
+                return
+            with trio.move_on_after(FOLLOW_INTERVAL):
+                await done.wait()
+
+
+def report(container_id: str, termination: Termination) -> None:
+    if termination.reason and termination.message:
+        print(f"imagefs: {container_id}: {termination.message} ({termination.reason})", file=sys.stderr)
+
+
+def exit_code(termination: Termination) -> int:
+    if termination.exit_code is not None:
+        return termination.exit_code
+    return 128 + termination.signal if termination.signal else 125
+
+
+def run_task(containerizer: Containerizer, spec: TaskSpec, *, detach: bool = False) -> int:
+    return trio.run(_run, containerizer, spec, detach)
+
+
+async def _run(containerizer: Containerizer, spec: TaskSpec, detach: bool) -> int:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        container_id = await containerizer.launch(spec)
+        if detach:
+            print(container_id)
+            return 0
+        sandbox = containerizer.dirs.sandbox(container_id)
+        done = trio.Event()
+
+        async def forward() -> None:
+            async for sig in signals:
+                containerizer.kill(container_id, sig)
+
+        async with trio.open_nursery() as outer:
+            outer.start_soon(forward)
+            async with trio.open_nursery() as followers:
+                followers.start_soon(_follow, sandbox / "stdout", sys.stdout.buffer, done)
+                followers.start_soon(_follow, sandbox / "stderr", sys.stderr.buffer, done)
+                termination = await containerizer.wait(container_id)
+                done.set()  # the followers copy what is left and return
+            outer.cancel_scope.cancel()
+    report(container_id, termination)
+    return exit_code(termination)
+
+
+def wait_task(containerizer: Containerizer, container_id: str) -> int:
+    termination = trio.run(containerizer.wait, container_id)
+    report(container_id, termination)
+    code = exit_code(termination)
+    print(code)
+    return code
+
+
+def format_ps(containerizer: Containerizer) -> str:
+    rows = [("CONTAINER ID", "IMAGE", "STATUS", "CREATED", "COMMAND")]
+    for state in containerizer.list():
+        if state.status == RUNNING and containerizer.is_running(state):
+            status = f"running (pid {state.pid})"
+        elif state.status == TERMINATED and state.termination:
+            t = state.termination
+            status = f"exited {t.get('exit_code')}" + (f" ({t['reason']})" if t.get("reason") else "")
+        elif state.status == RUNNING:
+            status = "ended (imagefs wait or recover to clean up)"
+        else:
+            status = state.status
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.created))
+        command = " ".join(state.spec.argv) or "(image default)"
+        rows.append((state.id, state.spec.image, status, created, command[:40]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n" for row in rows)
