@@ -295,10 +295,29 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     return status
 
 
+def images_in_use(work_dir: str) -> set[str]:
+    """Image ids that containers (not yet terminated) and shared mounts of this work dir use."""
+    from launcher.state import TERMINATED, ContainerDirs
+
+    used = set()
+    mounts = os.path.join(work_dir, "mounts")
+    if os.path.isdir(mounts):
+        used.update(os.listdir(mounts))
+    dirs = ContainerDirs(work_dir)
+    for container_id in dirs.ids():
+        try:
+            state = dirs.load(container_id)
+        except ImagefsError:
+            continue
+        if state.status != TERMINATED and state.image_id:
+            used.add(state.image_id)
+    return used
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    removed = Store(args.store).gc()
+    removed = Store(args.store).gc(images_in_use(args.work_dir))
     print(f"removed {removed['images']} images, {removed['blobs']} blobs, {removed['indexes']} indexes, "
-          f"{removed['chunks']} chunk caches ({_human(removed['bytes'])})")
+          f"{removed['chunks']} chunk caches, {removed['layers']} extracted layers ({_human(removed['bytes'])})")
     return 0
 
 

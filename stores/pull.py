@@ -1,24 +1,33 @@
 """Pull: reference -> source -> verified manifest, config and layer indexes in the store.
 
-Layers are fetched whole once (resumable, verified), indexed in one streaming pass, and then
-dropped unless `all_layers`: from then on the lazy read path fetches only the ranges tasks read.
+A layer's index comes, in order of preference, from the store; from an index artifact published
+beside the image in its registry (imagefs/publish.py: found through the referrers API or tag, and
+checked against the layer it names before it is stored; then the layer is not fetched at all); or
+from the layer itself, fetched whole once (resumable, verified), indexed in one streaming pass, and
+dropped unless `all_layers`. From then on the lazy read path fetches only the ranges tasks read.
 A layer whose index and (if wanted) blob are already present is not fetched again, so an
-interrupted pull resumes where it stopped.
+interrupted pull resumes where it stopped. `push_index` publishes the image's indexes afterwards.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from imagefs.errors import InputError
 from stores.manifest import resolve
-from stores.model import Layer, Platform
-from stores.reference import parse_reference
+from stores.model import Image, Layer, Platform
+from stores.reference import DockerReference, parse_reference
 from stores.source import Source
 from stores.sources import open_source
 from stores.store import ImageRecord, Store
+
+if TYPE_CHECKING:
+    from imagefs.publish import PublishedIndexes
 
 log = logging.getLogger(__name__)
 
@@ -57,31 +66,58 @@ class PullProgress:
 
 def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
          platform: Platform | None = None, all_layers: bool = False,
-         progress: PullProgress | None = None) -> ImageRecord:
+         progress: PullProgress | None = None, use_published: bool = True,
+         push_index: bool = False) -> ImageRecord:
+    """Pull *reference* into *store*. *use_published*: take layer indexes published in the registry
+    (not with *all_layers*, which fetches the layers anyway); *push_index*: publish the image's
+    indexes to its registry afterwards, unless they all came from there."""
     options = options or SourceOptions()
     progress = progress or PullProgress()
     ref = parse_reference(reference)
+    if push_index and not isinstance(ref, DockerReference):
+        raise InputError(reference, "indexes can only be published to a registry (docker://...)")
     with store.using(), options.open(reference) as source:
         image = resolve(source, platform)
         store.put_blob(image.manifest_digest, image.manifest)
         store.put_blob(image.config_digest, image.config)
         progress.start(image.id, list(image.layers))
+        published = published_indexes(source, image) if use_published and not all_layers else None
         for layer in image.layers:
-            ensure_layer(store, source, layer, keep_blob=all_layers, progress=progress)
+            ensure_layer(store, source, layer, keep_blob=all_layers, progress=progress, published=published)
         store.save_image(image, source.pinned(image.manifest_digest), [str(ref)])
+        if push_index and not (published is not None and published.covered(image)):
+            from imagefs.publish import publish
+            from stores.registry import RegistrySource
+
+            if not isinstance(source, RegistrySource):
+                raise InputError(reference, "indexes can only be published to a registry")
+            publish(store, source, image)
     return store.load(image.id)
+
+
+def published_indexes(source: Source, image: Image) -> PublishedIndexes | None:
+    """The published-index lookup for a registry source (lazy: it asks nothing until a layer
+    needs an index); None for every other kind of source."""
+    if not isinstance(source.reference, DockerReference):
+        return None  # checked first: the registry module (and httpx) is not loaded for local sources
+    from imagefs.publish import PublishedIndexes
+    from stores.registry import RegistrySource
+
+    return PublishedIndexes(source, image) if isinstance(source, RegistrySource) else None
 
 
 def find_or_pull(store: Store, reference: str, options: SourceOptions | None = None,
                  platform: Platform | None = None) -> ImageRecord:
     """The image *reference* names in the store (by reference or id prefix), pulled lazily (indexes
     only) when the store does not have it yet, or has it for another platform than *platform*."""
-    from imagefs.errors import InputError, NotFound
+    from imagefs.errors import NotFound
 
     try:
         name: str | None = str(parse_reference(reference))
     except InputError:
         name = None  # maybe an image id prefix
+    if re.fullmatch(r"(sha256:)?[0-9a-f]{12,64}", reference):
+        name = None  # an image id, never a Docker Hub repository to pull
     image_id = (name and store.lookup(name)) or store.lookup(reference)
     if image_id is not None:
         record = store.load(image_id)
@@ -94,14 +130,22 @@ def find_or_pull(store: Store, reference: str, options: SourceOptions | None = N
 
 
 def ensure_layer(store: Store, source: Source, layer: Layer, *, keep_blob: bool,
-                 progress: PullProgress) -> None:
-    """Make the layer's index (and blob, if *keep_blob*) present in the store."""
+                 progress: PullProgress, published: PublishedIndexes | None = None) -> None:
+    """Make the layer's index (and blob, if *keep_blob*) present in the store; the index from
+    *published* when it has a good one for this layer and the blob is not wanted."""
     if store.has_index(layer.digest) and (not keep_blob or store.has_blob(layer.digest)):
         progress.layer_start(layer, already=True)
         progress.layer_done(layer)
         return
     progress.layer_start(layer, already=False)
     with store.blob_lock(layer.digest):
+        if published is not None and not keep_blob and not store.has_index(layer.digest):
+            data = published.index_for(layer)  # verified against the layer, or None
+            if data is not None:
+                store.put_index(layer.digest, data)
+        if store.has_index(layer.digest) and (not keep_blob or store.has_blob(layer.digest)):
+            progress.layer_done(layer)  # published, or done by another pull while we waited
+            return
         had_blob = store.has_blob(layer.digest)
         path = store.fetch_blob_locked(
             layer.digest, layer.size,

@@ -254,11 +254,12 @@ class Store:
         return total
 
     # -- gc ----------------------------------------------------------------------------------
-    def gc(self) -> dict[str, int]:
-        """Delete images no ref names, and blobs, indexes, chunks and partials they alone used."""
-        removed = {"images": 0, "blobs": 0, "indexes": 0, "chunks": 0, "bytes": 0}
+    def gc(self, in_use: set[str] = frozenset()) -> dict[str, int]:
+        """Delete images no ref names (nor *in_use*: images running containers and mounts still
+        read), and the blobs, indexes, chunks, extracted layers and partials they alone used."""
+        removed = {"images": 0, "blobs": 0, "indexes": 0, "chunks": 0, "layers": 0, "bytes": 0}
         with locked(self._lock_path("store")):
-            live_images = set(self.refs().values())
+            live_images = set(self.refs().values()) | set(in_use)
             keep: set[str] = set()
             for image_id in self.image_ids():
                 if image_id not in live_images:
@@ -272,7 +273,10 @@ class Store:
                 keep.add(hex_of(image.manifest_digest))
                 keep.add(hex_of(image.config_digest))
                 keep.update(hex_of(layer.digest) for layer in image.layers)
-            for kind, sub in (("blobs", "blobs/sha256"), ("indexes", "indexes"), ("chunks", "chunks"), ("blobs", "tmp")):
+            # layers/ holds <hex>, <hex>.<lower-chain>, <hex>.flat and <hex>.tmp-* (an extraction
+            # that died: live ones hold the store lock shared, so gc never sees them).
+            for kind, sub in (("blobs", "blobs/sha256"), ("indexes", "indexes"), ("chunks", "chunks"),
+                              ("layers", "layers"), ("blobs", "tmp")):
                 d = self.root / sub
                 if not d.is_dir():
                     continue

@@ -252,3 +252,16 @@ def test_seed_appc_task_with_five_volumes(launcher, tmp_path):
     assert r.stdout.strip() == "etc-read-only"
     sandbox = launcher.cli.work / "containers" / "seed" / "sandbox"
     assert (sandbox / "tmp" / "from-task").read_text() == "ok\n"
+
+
+def test_gc_keeps_images_running_containers_use(launcher, image):
+    launcher.run("run", "-d", "--name", "gc1", image, "--", "sleep", "60", check=True)
+    indexes = launcher.cli.store / "indexes"
+    before = set(os.listdir(indexes))
+    launcher.run("rmi", image, check=True)
+    assert "removed 0 images" in launcher.run("gc", check=True).stdout
+    assert set(os.listdir(indexes)) == before
+    launcher.run("kill", "gc1", check=True)
+    assert launcher.run("wait", "gc1").returncode == 137
+    assert "removed 1 images" in launcher.run("gc", check=True).stdout
+    assert os.listdir(indexes) == []
