@@ -26,7 +26,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.imagefs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[test]'
+    # pip's output goes to a log, shown only if it fails: CI logs stay readable.
+    if ! { .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e '.[test]'; } >.venv/pip.log 2>&1; then
+        cat .venv/pip.log >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
