@@ -37,7 +37,7 @@ from launcher.isolators.base import Isolator, LaunchInfo, Limitation
 from launcher.launch import ExitStatus, InitProcess, init_config, read_status, spawn_init, wait_pid
 from launcher.provisioner import Provisioner
 from launcher.spec import SANDBOX_PATH, ContainerConfig, Resources, TaskSpec
-from launcher.state import (DESTROYING, PREPARING, PROVISIONING, RUNNING, TERMINATED, ContainerDirs,
+from launcher.state import (DESTROYING, PREPARING, RUNNING, TERMINATED, ContainerDirs,
                             ContainerState, check_container_id)
 from launcher.users import resolve_user
 from stores.fsutil import locked

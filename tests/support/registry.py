@@ -8,10 +8,8 @@ Options: htpasswd basic auth, TLS with a test CA, token auth (`auth` passed thro
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
