@@ -44,7 +44,8 @@ class ChunkCache:
         self.what = what
         self._fetch = fetch
         directory.mkdir(parents=True, exist_ok=True)
-        self._data = os.open(directory / "data", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.data_path = directory / "data"
+        self._data = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._present_fd = os.open(directory / "present", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if os.fstat(self._data).st_size != size:
             os.ftruncate(self._data, size)
@@ -64,6 +65,12 @@ class ChunkCache:
 
     def complete(self) -> bool:
         return self.present_count() == self.nchunks
+
+    def forget(self) -> None:
+        """Mark every chunk missing (the whole layer failed its digest: refetch it all)."""
+        with self._lock:
+            self._present = bytearray(self.nchunks)
+            os.pwrite(self._present_fd, bytes(self.nchunks), 0)
 
     def read(self, start: int, length: int) -> bytes:
         """Bytes [start, start+length) of the blob (clamped to its end), fetching what is missing."""

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ref")
     s.add_argument("mountpoint")
     s.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
+    s.add_argument("--prefetch", choices=("none", "profile", "all"), default="all",
+                   help="fetch the rest of the image in the background: the files of its access "
+                        "profile first, then (all) everything (default: all)")
     s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     s = sub.add_parser("umount", help="unmount and stop the serving process")
     s.add_argument("mountpoint")
@@ -348,13 +351,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
     record = image_or_pull(store, args)
     if not args.foreground:
         daemon.start(daemon.cli_prefix(os.path.abspath(args.store), os.path.abspath(args.work_dir), _source_flags(args)),
-                     record.id, mountpoint, args.work_dir, record.id)
+                     record.id, mountpoint, args.work_dir, record.id, [f"--prefetch={args.prefetch}"])
         return 0
     from imagefs.fuse.server import serve
+    from imagefs.prefetch import Prefetcher, ProfileRecorder, load_profile
     from imagefs.view import ImageView
 
     options = source_options(args)
     view = ImageView.open(store, record, lambda: options.open(record.source))
+    recorder = None if load_profile(store, record.id) else ProfileRecorder(store, view)
+    if recorder is not None:
+        view.on_read = recorder.read
+
+    def prefetch(stop) -> None:
+        Prefetcher(store, view, args.prefetch, stop=stop).run()
 
     def ready() -> None:
         if args.ready_fd is not None:
@@ -362,8 +372,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
             os.close(args.ready_fd)
 
     try:
-        serve(view, mountpoint, ready=ready)
+        serve(view, mountpoint, ready=ready, background=prefetch)
     finally:
+        if recorder is not None:
+            recorder.save()
         view.close()
     return 0
 

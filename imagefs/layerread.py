@@ -159,6 +159,19 @@ class LayerReader:
             pos += take
         return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
 
+    def compressed_extent(self, uoffset: int, length: int) -> tuple[int, int]:
+        """The compressed byte range [start, end) that reading [uoffset, uoffset+length) needs:
+        what a prefetch of that data must fetch."""
+        end = min(uoffset + max(length, 1), self.index.uncompressed_size)
+        if self.index.compression == "none" or not self._starts:
+            return uoffset, max(end, uoffset)
+        points = self.index.points
+        first = max(bisect.bisect_right(self._starts, uoffset) - 1, 0)
+        last = bisect.bisect_right(self._starts, max(end - 1, uoffset)) - 1
+        start = points[first].coffset - (1 if points[first].bits else 0)
+        stop = points[last + 1].coffset if last + 1 < len(points) else self.index.compressed_size
+        return max(start, 0), stop
+
     # -- pieces -----------------------------------------------------------------------------------
 
     def _region_end(self, i: int) -> int:

@@ -89,6 +89,7 @@ class ImageView:
         self.readers = readers
         self.data = data
         self._source = source
+        self.on_read: Callable[[Inode], None] | None = None  # e.g. the access-profile recorder
 
     @classmethod
     def open(cls, store: Store, record: ImageRecord, opener: SourceOpener) -> ImageView:
@@ -122,6 +123,8 @@ class ImageView:
         location = self.tree.node(ino).location
         if location is None or offset >= location.size:
             return b""
+        if self.on_read is not None:
+            self.on_read(ino)
         n = min(size, location.size - offset)
         return self.readers[location.layer].read(location.offset + offset, n)
 

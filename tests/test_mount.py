@@ -166,7 +166,7 @@ def test_umount_stops_server_and_crash_recovers(tricky, registry, env):
     wait_until(lambda: _dead(pid), what="server death")
     with pytest.raises(OSError) as e:
         os.statvfs(mp)
-    assert e.value.errno == errno.ENOTCONN
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # the dead mount is left behind
     cli.run("umount", str(mp))
     assert not os.path.ismount(mp)
     # and a mount over a dead one (no umount in between) works too

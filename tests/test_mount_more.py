@@ -307,7 +307,9 @@ def lazy(envs, registry) -> Iterator[Lazy]:
         script.front = front
         cli, mounts = envs.new("lazy")
         try:
-            mp = mounts.mount(f"docker://{front.host}/more/lazy:1", cli.work.parent / "mnt")
+            # --prefetch none: these tests are about the demand path (tests/test_prefetch.py
+            # covers the background one), and must see every range request a read causes.
+            mp = mounts.mount(f"docker://{front.host}/more/lazy:1", cli.work.parent / "mnt", "--prefetch", "none")
             assert not [s for s in front.requests("/blobs/") if "range" in s.headers], "the mount read eagerly"
             record = load_record(str(cli.work), os.path.realpath(mp))
             assert record is not None

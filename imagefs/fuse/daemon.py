@@ -61,12 +61,14 @@ def mount_type(path: str) -> str | None:
 
 
 def is_stale(path: str) -> bool:
-    """A FUSE mount whose server is gone answers every request with ENOTCONN. (statfs, because
+    """A FUSE mount whose server is gone answers every request with ENOTCONN (statfs, because
     the kernel answers stat from its attribute cache without asking the server.)"""
     try:
         os.statvfs(path)
     except OSError as e:
-        return e.errno == errno.ENOTCONN
+        # ECONNABORTED when the request met the connection while the dying server's threads
+        # were still closing it.
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
 
 
@@ -117,8 +119,10 @@ def prepare_mountpoint(path: str) -> None:
         raise InputError(path, "mount point is not a directory")
 
 
-def start(cli_prefix: list[str], ref: str, mountpoint: str, work_dir: str, image_id: str) -> ServerRecord:
-    """Start a server for *ref* at *mountpoint*; return once the mount answers."""
+def start(cli_prefix: list[str], ref: str, mountpoint: str, work_dir: str, image_id: str,
+          mount_options: list[str] = ()) -> ServerRecord:
+    """Start a server for *ref* at *mountpoint*; return once the mount answers. *mount_options*
+    are `imagefs mount` options (e.g. --prefetch) for the server."""
     state = _state_dir(work_dir)
     state.mkdir(parents=True, exist_ok=True)
     log_path = state / f"{_key(mountpoint)}.log"
@@ -126,7 +130,7 @@ def start(cli_prefix: list[str], ref: str, mountpoint: str, work_dir: str, image
     try:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [*cli_prefix, "mount", "--foreground", "--ready-fd", str(write_fd), ref, mountpoint],
+                [*cli_prefix, "mount", "--foreground", "--ready-fd", str(write_fd), *mount_options, ref, mountpoint],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,),
                 start_new_session=True, close_fds=True)
         os.close(write_fd)

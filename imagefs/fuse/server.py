@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from collections.abc import Callable
 
 import pyfuse3
@@ -29,20 +30,35 @@ def mount_options(fsname: str = FSNAME) -> set[str]:
 
 
 def serve(view: ImageView, mountpoint: str, *, ready: Callable[[], None] | None = None,
-          debug: bool = False) -> None:
+          debug: bool = False, background: Callable[[threading.Event], None] | None = None) -> None:
+    """Serve until unmounted. *background(stop)* runs in a thread once the mount answers (the
+    prefetcher); it is asked to stop, and given a moment to, when the mount ends."""
     ops = ImageOperations(view)
     options = mount_options()
     if debug:
         options.add("debug")
     pyfuse3.init(ops, mountpoint, options)
-    unmount = True
+    stop = threading.Event()
+    worker = None
+    if background is not None:
+        worker = threading.Thread(target=background, args=(stop,), name="imagefs-background", daemon=True)
+
+    def announce() -> None:
+        if worker is not None:
+            worker.start()
+        if ready is not None:
+            ready()
+
     try:
-        trio.run(_main, ready)
+        trio.run(_main, announce)
     except BaseException:
         log.exception("imagefs server failed")
         raise
     finally:
-        pyfuse3.close(unmount=unmount)
+        stop.set()
+        pyfuse3.close(unmount=True)
+        if worker is not None and worker.is_alive():
+            worker.join(10)  # a fetch in flight ends within the source's timeouts
 
 
 async def _main(ready: Callable[[], None] | None) -> None:

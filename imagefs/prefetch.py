@@ -1,0 +1,186 @@
+"""Background prefetch and access profiles: make a lazily mounted image fully local over time,
+fetching first what tasks read first.
+
+The mount server runs one `Prefetcher` thread after it answers. It fetches missing chunks of each
+remote layer through the same chunk caches the read path uses (so a chunk is never fetched twice,
+and demand reads are served meanwhile by their own requests), one run of chunks at a time:
+
+    none     nothing
+    profile  the chunks holding the files in the image's access profile, then stop
+    all      (default) the profile first, then every other missing chunk
+
+When a layer's cache is complete its whole sha256 is checked against the layer digest and the
+data is linked into STORE/blobs/sha256/, so later mounts read it as a local blob: the image then
+survives the loss of its registry.
+
+An access profile (STORE/images/<id>/profile.json, the paths in first-read order) is recorded by
+`ProfileRecorder` while the first tasks run (as Slacker and stargz's prioritised files do), and
+written when recording ends; the next mount on any machine with that file fetches them first.
+
+Concurrency: the prefetcher is one plain thread; it stops between runs when `stop` is set. The
+recorder is called from read worker threads and guards its state with a lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from imagefs.chunkcache import ChunkCache
+from imagefs.errors import ImagefsError
+from imagefs.union import Inode
+from imagefs.view import ImageView
+from stores.fsutil import atomic_write, fsync_dir
+from stores.store import Store
+
+log = logging.getLogger(__name__)
+
+PrefetchMode = Literal["none", "profile", "all"]
+PREFETCH_MODES = ("none", "profile", "all")
+PROFILE_NAME = "profile.json"
+RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after a failed fetch; waits on `stop`, so exit is prompt
+
+
+def profile_path(store: Store, image_id: str) -> Path:
+    return store.image_dir(image_id) / PROFILE_NAME
+
+
+def load_profile(store: Store, image_id: str) -> list[bytes]:
+    try:
+        doc = json.loads(profile_path(store, image_id).read_text())
+        return [os.fsencode(p) for p in doc["paths"]]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return []
+
+
+class ProfileRecorder:
+    """Records which files are read, in first-read order, for *seconds* after the mount starts."""
+
+    def __init__(self, store: Store, view: ImageView, seconds: float = 30.0, limit: int = 10_000) -> None:
+        self._store = store
+        self._view = view
+        self._until = time.monotonic() + seconds
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._seen: dict[Inode, None] = {}
+        self._saved = False
+
+    def read(self, ino: Inode) -> None:
+        if self._saved or ino in self._seen:
+            return
+        with self._lock:
+            over = time.monotonic() > self._until or len(self._seen) >= self._limit
+            if not over:
+                self._seen.setdefault(ino, None)
+        if over:
+            self.save()
+
+    def save(self) -> None:
+        """Write the profile (once); paths are the first name of each inode read."""
+        with self._lock:
+            if self._saved or not self._seen:
+                return
+            self._saved = True
+            wanted = set(self._seen)
+        names: dict[Inode, bytes] = {}
+        for path, ino in self._view.tree.walk():
+            if ino in wanted and ino not in names:
+                names[ino] = path
+        paths = [os.fsdecode(names[i]) for i in self._seen if i in names]
+        atomic_write(profile_path(self._store, self._view.record.id),
+                     json.dumps({"format": 1, "paths": paths}, indent=0).encode())
+
+
+class Prefetcher:
+    def __init__(self, store: Store, view: ImageView, mode: PrefetchMode = "all", *,
+                 stop: threading.Event | None = None, max_run: int = 8) -> None:
+        if mode not in PREFETCH_MODES:
+            raise ValueError(mode)
+        self.store = store
+        self.view = view
+        self.mode = mode
+        self.stop = stop or threading.Event()
+        self.max_run = max_run
+        self.done = threading.Event()  # set when the prefetch finished (or gave up because of stop)
+
+    def run(self) -> None:
+        try:
+            if self.mode != "none":
+                self._prefetch_paths(load_profile(self.store, self.view.record.id))
+                if self.mode == "all":
+                    for position in range(len(self.view.data)):
+                        self._fetch_layer(position)
+        except Exception:  # a bug here must not take the mount down: reads still work
+            log.exception("prefetch failed")
+        finally:
+            self.done.set()
+
+    def _prefetch_paths(self, paths: Iterable[bytes]) -> None:
+        for path in paths:
+            if self.stop.is_set():
+                return
+            ino = self.view.tree.resolve(path)
+            location = self.view.tree.node(ino).location if ino is not None else None
+            if location is None or location.size == 0:
+                continue
+            data = self.view.data[location.layer]
+            if data.cache is None:
+                continue
+            start, end = self.view.readers[location.layer].compressed_extent(location.offset, location.size)
+            self._ensure(data.cache, start // data.cache.chunk_size, (end - 1) // data.cache.chunk_size + 1)
+
+    def _fetch_layer(self, position: int) -> None:
+        data = self.view.data[position]
+        cache = data.cache
+        if cache is None:
+            return
+        for first in range(0, cache.nchunks, self.max_run):
+            if self.stop.is_set():
+                return
+            self._ensure(cache, first, min(first + self.max_run, cache.nchunks))
+        if cache.complete() and not self.stop.is_set():
+            self._promote(data.layer.digest, cache)
+
+    def _ensure(self, cache: ChunkCache, first: int, last: int) -> None:
+        for delay in (*RETRY_DELAYS, None):
+            if self.stop.is_set():
+                return
+            try:
+                cache.ensure(first, last)
+                return
+            except ImagefsError as e:
+                if delay is None:
+                    log.warning("prefetch gave up on %s: %s", cache.what, e.why)
+                    return
+                self.stop.wait(delay)  # the registry may come back; stop ends the wait at once
+
+    def _promote(self, digest: str, cache: ChunkCache) -> None:
+        """All chunks are here: check the whole layer and keep it as a local blob."""
+        blob = self.store.blob_path(digest)
+        if blob.exists():
+            return
+        h = hashlib.sha256()
+        with open(cache.data_path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        actual = "sha256:" + h.hexdigest()
+        if actual != digest:
+            log.error("layer %s: complete chunk cache has digest %s; discarding it", digest, actual)
+            cache.forget()
+            return
+        with self.store.blob_lock(digest):
+            if not blob.exists():
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                tmp = blob.with_name(blob.name + ".link")
+                tmp.unlink(missing_ok=True)
+                os.link(cache.data_path, tmp)
+                os.rename(tmp, blob)
+                fsync_dir(blob.parent)
+        log.info("layer %s is now local", digest)

@@ -1,0 +1,100 @@
+"""Background prefetch and access profiles on real mounts, with a registry that goes away."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.mounts import Cli, Mounts, needs_fuse
+from tests.support.images import Member, OciLayout, busybox_members, layer_tar, push, wait_until
+from tests.support.registry import Registry
+
+pytestmark = needs_fuse
+
+BIG = random.Random(3).randbytes(6 << 20)
+
+
+@pytest.fixture
+def own_registry(tmp_path):
+    """A registry this test may stop and start again (same port, same storage)."""
+    reg = Registry(tmp_path / "registry")
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def env(tmp_path):
+    cli = Cli(tmp_path / "store", tmp_path / "work")
+    mounts = Mounts(cli)
+    try:
+        yield cli, mounts
+    finally:
+        mounts.cleanup()
+
+
+def _image(tmp_path, registry) -> str:
+    layout = OciLayout(tmp_path / "layout")
+    files = [Member("data", "dir"), Member("data/big", data=BIG), Member("data/small", data=b"small file\n")]
+    layout.add_image([(layer_tar(busybox_members()), "gzip"), (layer_tar(files), "gzip")], tag="p")
+    ref = registry.ref("prefetch/img:1")
+    push(layout.path, "p", ref)
+    return ref
+
+
+def _layers(cli: Cli, ref: str) -> list[dict]:
+    return json.loads(cli.run("inspect", "--json", ref).stdout)["layers"]
+
+
+def _read_errno(path) -> int | None:
+    try:
+        path.read_bytes()
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def test_prefetch_all_makes_the_image_survive_the_registry(tmp_path, own_registry, env):
+    cli, mounts = env
+    ref = _image(tmp_path, own_registry)
+    mp = mounts.mount(ref, tmp_path / "mnt")  # --prefetch all is the default
+    layers = _layers(cli, ref)
+    blobs = cli.store / "blobs" / "sha256"
+    wait_until(lambda: all((blobs / l["digest"][7:]).exists() for l in layers), 120, "layers local")
+    own_registry.stop()
+    assert (mp / "data" / "big").read_bytes() == BIG
+    assert (mp / "bin" / "busybox").read_bytes() == Path("/bin/busybox").read_bytes()
+    assert all(l["blob_local"] for l in _layers(cli, ref))  # promoted: verified whole layers
+
+
+def test_profile_is_recorded_and_fetched_first(tmp_path, own_registry, env):
+    cli, mounts = env
+    ref = _image(tmp_path, own_registry)
+    mp = mounts.mount(ref, tmp_path / "mnt", "--prefetch", "none")
+    assert (mp / "data" / "small").read_bytes() == b"small file\n"
+    assert (mp / "bin" / "busybox").stat().st_size > 0  # a stat is not a read
+    cli.run("umount", str(mp))
+    image_id = json.loads(cli.run("inspect", "--json", ref).stdout)["id"]
+    profile = json.loads((cli.store / "images" / image_id / "profile.json").read_text())
+    assert profile["paths"] == ["data/small"]
+    data_layer = _layers(cli, ref)[1]["digest"][7:]
+    assert not all((cli.store / "chunks" / data_layer / "present").read_bytes())  # none: not whole
+
+    # A fresh cache: with --prefetch profile, the profiled file's chunks arrive without any read.
+    for d in (cli.store / "chunks").iterdir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    mounts.mount(ref, mp, "--prefetch", "profile")
+    present = cli.store / "chunks" / data_layer / "present"
+    wait_until(lambda: present.exists() and any(present.read_bytes()), 60, "profile prefetch")
+    own_registry.stop()
+    assert (mp / "data" / "small").read_bytes() == b"small file\n"  # served with the registry gone
+    assert _read_errno(mp / "data" / "big") == errno.EIO  # never prefetched: not served, not wrong
