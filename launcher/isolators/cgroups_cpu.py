@@ -12,11 +12,9 @@ cleanup(), which waits (bounded) for the killed processes to exit.
 from __future__ import annotations
 
 import os
-from typing import Any
-
-from launcher.isolators.base import Isolator, LaunchInfo
-from launcher.linux.cgroups import CgroupRoot, CgroupSet, container_cgroup, detect_layout
-from launcher.spec import ContainerConfig, Resources
+from launcher.isolators.cgroup_isolator import CgroupIsolator
+from launcher.linux.cgroups import CgroupSet
+from launcher.spec import Resources
 
 CFS_PERIOD_US = 100_000
 MIN_QUOTA_US = 1_000      # the kernel refuses quotas under 1 ms
@@ -38,44 +36,17 @@ def shares_to_weight(shares: int) -> int:
     return 1 + ((shares - 2) * 9999) // 262142
 
 
-class CgroupsCpuIsolator(Isolator):
-    """`root`: where container cgroups go (from --cgroup-root); None: the default under our own."""
-
+class CgroupsCpuIsolator(CgroupIsolator):
     name = "cgroups/cpu"
-
-    def __init__(self, container_id: str, state: dict[str, Any], *, root: CgroupRoot | None = None) -> None:
-        super().__init__(container_id, state)
-        self._root = root
-        self._cgroup: CgroupSet | None = None
-
-    def _cg(self) -> CgroupSet | None:
-        if self._cgroup is None and "cgroup" in self.state:
-            self._cgroup = CgroupSet.from_state(self.state["cgroup"])
-        return self._cgroup
-
-    def prepare(self, config: ContainerConfig) -> LaunchInfo | None:
-        root = self._root or CgroupRoot.resolve(detect_layout())
-        cg = container_cgroup(self.container_id, root, ["cpu"], optional=["cpuacct"])
-        self.state["cgroup"] = cg.to_state()  # checkpoint first: cleanup must find what may exist
-        self._cgroup = cg
-        cg.create()
-        self._apply(cg, config.spec.resources.cpus)
-        return None
-
-    def isolate(self, pid: int) -> None:
-        self._required().add_pid(pid)
-
-    def update(self, resources: Resources) -> None:
-        self._apply(self._required(), resources.cpus)
-
-    def _required(self) -> CgroupSet:
-        cg = self._cg()
-        if cg is None:
-            raise RuntimeError(f"{self.name}: used before prepare() or recover()")
-        return cg
+    controllers = ("cpu",)
+    optional = ("cpuacct",)
 
     @staticmethod
-    def _apply(cg: CgroupSet, cpus: float | None) -> None:
+    def limit_of(resources: Resources) -> float | None:
+        return resources.cpus
+
+    @staticmethod
+    def apply(cg: CgroupSet, cpus: float | None) -> None:
         if cg.version == "v1":
             cg.write("cpu", "cpu.shares", DEFAULT_SHARES if cpus is None else cpu_shares(cpus))
             cg.write("cpu", "cpu.cfs_period_us", CFS_PERIOD_US)   # period before the quota it scales
@@ -115,12 +86,3 @@ class CgroupsCpuIsolator(Isolator):
         if limit is not None:
             out["cpus_limit"] = limit
         return out
-
-    def cleanup(self) -> None:
-        cg = self._cg()
-        if cg is not None:
-            cg.kill_all()
-            cg.destroy()
-
-    def recover(self) -> None:
-        self._cg()

@@ -18,55 +18,26 @@ few cgroupfs reads or writes, except cleanup(), which waits (bounded) for killed
 
 from __future__ import annotations
 
-from typing import Any
-
-from launcher.isolators.base import Isolator, LaunchInfo, Limitation
-from launcher.linux.cgroups import CgroupError, CgroupRoot, CgroupSet, container_cgroup, detect_layout
-from launcher.spec import ContainerConfig, Resources
+from launcher.isolators.base import Limitation
+from launcher.isolators.cgroup_isolator import CgroupIsolator
+from launcher.linux.cgroups import CgroupError, CgroupSet
+from launcher.spec import Resources
 
 WATCH_INTERVAL = 0.5
 REASON_MEMORY = "REASON_CONTAINER_LIMITATION_MEMORY"
 _V1_UNLIMITED = 1 << 62   # v1 reports "no limit" as a page-rounded LONG_MAX
 
 
-class CgroupsMemoryIsolator(Isolator):
-    """`root`: where container cgroups go (from --cgroup-root); None: the default under our own."""
-
+class CgroupsMemoryIsolator(CgroupIsolator):
     name = "cgroups/mem"
-
-    def __init__(self, container_id: str, state: dict[str, Any], *, root: CgroupRoot | None = None) -> None:
-        super().__init__(container_id, state)
-        self._root = root
-        self._cgroup: CgroupSet | None = None
-
-    def _cg(self) -> CgroupSet | None:
-        if self._cgroup is None and "cgroup" in self.state:
-            self._cgroup = CgroupSet.from_state(self.state["cgroup"])
-        return self._cgroup
-
-    def _required(self) -> CgroupSet:
-        cg = self._cg()
-        if cg is None:
-            raise RuntimeError(f"{self.name}: used before prepare() or recover()")
-        return cg
-
-    def prepare(self, config: ContainerConfig) -> LaunchInfo | None:
-        root = self._root or CgroupRoot.resolve(detect_layout())
-        cg = container_cgroup(self.container_id, root, ["memory"])
-        self.state["cgroup"] = cg.to_state()  # checkpoint first: cleanup must find what may exist
-        self._cgroup = cg
-        cg.create()
-        self._apply(cg, config.spec.resources.mem_bytes)
-        return None
-
-    def isolate(self, pid: int) -> None:
-        self._required().add_pid(pid)
-
-    def update(self, resources: Resources) -> None:
-        self._apply(self._required(), resources.mem_bytes)
+    controllers = ("memory",)
 
     @staticmethod
-    def _apply(cg: CgroupSet, limit: int | None) -> None:
+    def limit_of(resources: Resources) -> int | None:
+        return resources.mem_bytes
+
+    @staticmethod
+    def apply(cg: CgroupSet, limit: int | None) -> None:
         if cg.version == "v2":
             cg.write("memory", "memory.max", "max" if limit is None else limit)
             if cg.has("memory", "memory.swap.max"):
@@ -173,12 +144,6 @@ class CgroupsMemoryIsolator(Isolator):
         return out
 
     def cleanup(self) -> None:
-        cg = self._cg()
-        if cg is None:
-            return
-        self.oom_killed()   # keep the verdict in state before the counter disappears
-        cg.kill_all()
-        cg.destroy()
-
-    def recover(self) -> None:
-        self._cg()
+        if self._cg() is not None:
+            self.oom_killed()   # keep the verdict in state before the counter disappears
+        super().cleanup()
