@@ -4,6 +4,9 @@ Endpoints used: `GET /v2/REPO/manifests/REF` and `GET /v2/REPO/blobs/DIGEST`, th
 from an offset (resume) or as an exact byte range (the lazy read path). Blob GETs commonly redirect
 to object storage; they are followed, and httpx drops the Authorization header when a redirect
 leaves the registry's origin, so registry credentials never reach the storage host.
+For publishing (stores/referrers.py) also: `HEAD /v2/REPO/blobs/DIGEST`, monolithic blob uploads
+(`POST /v2/REPO/blobs/uploads/` then `PUT <location>&digest=`), `PUT /v2/REPO/manifests/REF`, and
+`request()` for anything else (the referrers API); these ask for `repository:REPO:pull,push`.
 
 Transport: one `httpx.Client` per source (keep-alive pool). Scheme per host, decided once:
   1. a host in `insecure` (HOST or HOST:PORT; also $IMAGEFS_INSECURE_REGISTRIES) -> plain HTTP;
@@ -40,7 +43,7 @@ import httpx
 
 from imagefs.errors import AuthError, DigestMismatch, ImagefsError, InputError, NotFound, RuntimeFailure
 from stores.auth import Authenticator, credentials_file, lookup_credentials
-from stores.digest import check_digest, sha256_digest
+from stores.digest import check_digest, sha256_digest, verify_bytes
 from stores.model import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -79,6 +82,17 @@ class RetryPolicy:
         if retry_after is not None:
             delay = min(self.cap, max(delay, retry_after))
         self.sleep(delay)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A registry's 2xx answer to `RegistrySource.request`: status, headers (names lower-cased),
+    the body read in full (empty for HEAD) and the URL that answered (after redirects)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    url: str
 
 
 class _Transient(Exception):
@@ -213,6 +227,7 @@ class RegistrySource(Source):
         self._auth = Authenticator(ref.host, lambda: lookup_credentials(creds_path, ref.host),
                                   self._send_for_token, clock)
         self._scope = f"repository:{ref.repository}:pull"
+        self._push_scope = f"repository:{ref.repository}:pull,push"
 
     # -- Source
 
@@ -281,6 +296,74 @@ class RegistrySource(Source):
 
     def close(self) -> None:
         self._client.close()
+
+    # -- generic requests and pushes (stores/referrers.py)
+
+    def request(self, method: str, path: str, *, headers: Mapping[str, str] | None = None,
+                content: bytes | None = None, push: bool = False, what: str | None = None,
+                not_found: str = "not found", limit: int = MAX_MANIFEST_BYTES) -> Answer:
+        """One request to `/v2/REPO/<path>` (or to *path* when it is an absolute URL) answered
+        2xx, its body (at most *limit* bytes) read. Authenticated and retried like every other
+        request, in push scope when *push*; failures are ImagefsErrors (NotFound for a 404)."""
+        url = path if "://" in path else f"{self._base_url}/{path}"
+        what = what or f"{method} {url}"
+        scope = self._push_scope if push else self._scope
+
+        def once() -> Answer:
+            with closing(self._send(method, url, dict(headers or {}), what, not_found,
+                                    content=content, scope=scope)) as response:
+                body = b"" if method == "HEAD" else self._read_body(response, limit, what)
+                return Answer(response.status_code, {k.lower(): v for k, v in response.headers.items()},
+                              body, str(response.url))
+
+        return self._retrying(what, once)
+
+    def has_blob(self, digest: str, *, push: bool = False) -> bool:
+        """Whether the repository holds blob *digest* (HEAD; in push scope when about to push)."""
+        what = self._blob_what(digest)
+        check_digest(digest, what)
+        try:
+            self.request("HEAD", f"blobs/{digest}", push=push, what=what, not_found="blob unknown")
+        except NotFound:
+            return False
+        return True
+
+    def put_blob(self, digest: str, data: bytes) -> None:
+        """Upload *data* as blob *digest*, monolithically: `POST /blobs/uploads/` for a session,
+        then one `PUT <location>&digest=` with the bytes. A transient failure restarts both."""
+        what = self._blob_what(digest)
+        check_digest(digest, what)
+        verify_bytes(data, digest, what)  # never publish bytes under another name
+
+        def once() -> None:
+            with closing(self._send("POST", f"{self._base_url}/blobs/uploads/", {}, what, "repository unknown",
+                                    content=b"", scope=self._push_scope)) as started:
+                location = started.headers.get("Location")
+                if not location:
+                    raise InputError(what, f"upload started (HTTP {started.status_code}) without a Location")
+                target = started.url.join(location).copy_merge_params({"digest": digest})
+            headers = {"Content-Type": "application/octet-stream"}
+            with closing(self._send("PUT", str(target), headers, what, "upload unknown", content=data,
+                                    scope=self._push_scope)) as done:
+                served = done.headers.get("Docker-Content-Digest", "")
+            if served.startswith("sha256:") and served != digest:
+                raise DigestMismatch(f"{what}: upload (Docker-Content-Digest)", digest, served)
+
+        self._retrying(what, once)
+
+    def put_manifest(self, reference: str, data: bytes, media_type: str) -> dict[str, str]:
+        """`PUT /v2/REPO/manifests/<reference>` (a tag or the data's digest); returns the answer's
+        headers (names lower-cased: `oci-subject` says the registry indexed a `subject`)."""
+        what = f"manifest {reference} in {self._repo_what}"
+        digest = sha256_digest(data)
+        if reference.startswith("sha256:") and reference != digest:
+            raise DigestMismatch(what, reference, digest)
+        answer = self.request("PUT", f"manifests/{reference}", headers={"Content-Type": media_type},
+                              content=data, push=True, what=what, not_found="repository unknown")
+        served = answer.headers.get("docker-content-digest", "")
+        if served.startswith("sha256:") and served != digest:
+            raise DigestMismatch(f"{what} (Docker-Content-Digest)", digest, served)
+        return answer.headers
 
     # -- manifests
 
@@ -381,21 +464,30 @@ class RegistrySource(Source):
     def _get(self, url: str, headers: dict[str, str], what: str, not_found: str) -> httpx.Response:
         """One GET answered 2xx, as an open streaming response (the caller closes it). Answers a
         401 challenge once; raises `_Transient` for statuses worth retrying, ImagefsErrors else."""
+        return self._send("GET", url, headers, what, not_found)
+
+    def _send(self, method: str, url: str, headers: dict[str, str], what: str, not_found: str, *,
+              content: bytes | None = None, scope: str | None = None) -> httpx.Response:
+        """`_get` for any method, with an optional body and auth scope (default: pull)."""
+        scope = scope or self._scope
         answered = False
         while True:
-            sent = self._auth.header(self._scope)
-            request = self._client.build_request("GET", url, headers={**headers, "Authorization": sent} if sent else headers)
+            sent = self._auth.header(scope)
+            request = self._client.build_request(method, url, content=content,
+                                                 headers={**headers, "Authorization": sent} if sent else headers)
             response = self._client.send(request, stream=True)
             if response.is_success:
                 return response
             status = response.status_code
             detail = _registry_detail(status, _error_body(response))
             if status == 401 and not answered:
-                self._auth.answer(response.headers.get_list("WWW-Authenticate"), self._scope, sent, self._repo_what)
+                self._auth.answer(response.headers.get_list("WWW-Authenticate"), scope, sent, self._repo_what)
                 answered = True
                 continue
             if status in RETRY_STATUS:
                 raise _Transient(f"HTTP {status}: {detail}", self._retry_after(response))
+            if status in (401, 403) and scope != self._scope:
+                raise AuthError(self._repo_what, f"push refused ({detail})")
             if status in (401, 403):
                 raise AuthError(self._repo_what, f"{self._auth.refused(sent)} ({detail})")
             if status == 404:
