@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,6 +91,7 @@ class ImageView:
         self.data = data
         self._source = source
         self.on_read: Callable[[Inode], None] | None = None  # e.g. the access-profile recorder
+        self.last_read = time.monotonic()  # when a task last read: background work yields to it
 
     @classmethod
     def open(cls, store: Store, record: ImageRecord, opener: SourceOpener) -> ImageView:
@@ -123,6 +125,7 @@ class ImageView:
         location = self.tree.node(ino).location
         if location is None or offset >= location.size:
             return b""
+        self.last_read = time.monotonic()
         if self.on_read is not None:
             self.on_read(ino)
         n = min(size, location.size - offset)
