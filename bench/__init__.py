@@ -1,0 +1,1 @@
+"""Benchmarks: imagefs beside the tools people use today (see bench/README.md; run python -m bench)."""
