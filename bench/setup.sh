@@ -1,15 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the benchmarks need beyond scripts/setup.sh, on Debian 12, as root. Idempotent.
+# Installs what the benchmarks need beyond the tests, on Debian 12, as root. Idempotent.
 # debootstrap builds the Debian image; fuse-overlayfs and bubblewrap are peers; strace traces the
-# workloads; skopeo, umoci, crun and docker-registry are shared with the tests.
+# workloads. The rest (skopeo, umoci, crun, docker-registry, the venv) comes with scripts/setup.sh.
 set -euo pipefail
-PACKAGES=(debootstrap fuse-overlayfs bubblewrap strace skopeo umoci crun docker-registry iproute2 fuse3 tar gzip findutils util-linux)
-missing=()
-for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "bench/setup.sh: installing ${missing[*]}" >&2
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+cd "$(dirname "$0")/.."
+exec bash scripts/setup.sh debootstrap fuse-overlayfs bubblewrap strace tar gzip findutils

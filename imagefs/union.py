@@ -165,20 +165,15 @@ class _Merge:
 
     def _find_dir(self, path: bytes) -> _Dir | None:
         """The directory at `path`, or None if anything on the way is missing or not a directory."""
-        d = self.dirs.get(path)
-        if d is not None:
-            return d
-        d = self.root
-        for name in path.split(b"/"):
-            k = d.kids.get(name)
-            if k.__class__ is not _Dir:
-                return None
-            d = k  # type: ignore[assignment]
-        self.dirs[path] = d
-        return d
+        return self._walk_dir(path, create=False)
 
     def _make_dir(self, path: bytes) -> _Dir:
         """The directory at `path`, made if missing; non-directories on the way are replaced."""
+        d = self._walk_dir(path, create=True)
+        assert d is not None
+        return d
+
+    def _walk_dir(self, path: bytes, create: bool) -> _Dir | None:
         d = self.dirs.get(path)
         if d is not None:
             return d
@@ -186,6 +181,8 @@ class _Merge:
         for name in path.split(b"/"):
             k = d.kids.get(name)
             if k.__class__ is not _Dir:
+                if not create:
+                    return None
                 k = d.kids[name] = _Dir(_implicit_dir())
             d = k  # type: ignore[assignment]
         self.dirs[path] = d

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything imagefs and its tests need on Debian 12, as root. Idempotent: a second run
 # installs nothing new. Leaves a virtualenv with imagefs in .venv/ of the checkout.
+# Arguments name more Debian packages to install the same way (bench/setup.sh uses that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,7 +9,7 @@ cd "$(dirname "$0")/.."
 # talk to, busybox-static for test images, openssl/htpasswd for TLS and basic-auth registries,
 # crun/iproute2 for the launcher's peers and network namespaces.
 PACKAGES=(python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev docker-registry skopeo umoci
-          busybox-static openssl apache2-utils iproute2 crun util-linux procps ca-certificates)
+          busybox-static openssl apache2-utils iproute2 crun util-linux procps ca-certificates "$@")
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
