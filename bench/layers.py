@@ -25,7 +25,7 @@ import json
 import os
 import stat
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,9 +128,9 @@ def diff(root: Path, before: dict[str, StatKey]) -> tuple[list[str], list[str]]:
     return [rel for rel in now if rel in changed], sorted(gone)
 
 
-def write_layer(layout: Path, root: Path, paths: Iterable[str], whiteouts: Iterable[str] = (),
-                *, level: int = 6) -> LayerDesc:
-    """Write a gzip layer of *paths* (relative to *root*) plus whiteouts into *layout*'s blobs."""
+def _write_gzip_tar(layout: Path, level: int, add: Callable[[tarfile.TarFile], None]) -> LayerDesc:
+    """Stream a gzip tar blob into *layout*'s blobs (never held in memory): *add* writes the
+    members; the blob is hashed (compressed and plain) on the way and renamed to its digest."""
     blobs = Path(layout) / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
     tmp = blobs / f".partial-{os.getpid()}"
@@ -139,44 +139,41 @@ def write_layer(layout: Path, root: Path, paths: Iterable[str], whiteouts: Itera
         with gzip.GzipFile(fileobj=compressed, mode="wb", compresslevel=level, mtime=0) as gz:
             plain = _Counting(gz)
             with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for rel in whiteouts:
-                    info = tarfile.TarInfo(os.path.join(os.path.dirname(rel), ".wh." + os.path.basename(rel)))
-                    info.mtime = 0
-                    tar.addfile(info)
-                for rel in paths:
-                    tar.add(str(root / rel), arcname=rel, recursive=False)
+                add(tar)
         raw.flush()
         os.fsync(raw.fileno())
     digest = compressed.sha.hexdigest()
     os.replace(tmp, blobs / digest)
     return LayerDesc(f"sha256:{digest}", compressed.count, f"sha256:{plain.sha.hexdigest()}", plain.count)
+
+
+def write_layer(layout: Path, root: Path, paths: Iterable[str], whiteouts: Iterable[str] = (),
+                *, level: int = 6) -> LayerDesc:
+    """Write a gzip layer of *paths* (relative to *root*) plus whiteouts into *layout*'s blobs."""
+    def add(tar: tarfile.TarFile) -> None:
+        for rel in whiteouts:
+            info = tarfile.TarInfo(os.path.join(os.path.dirname(rel), ".wh." + os.path.basename(rel)))
+            info.mtime = 0
+            tar.addfile(info)
+        for rel in paths:
+            tar.add(str(root / rel), arcname=rel, recursive=False)
+    return _write_gzip_tar(layout, level, add)
 
 
 def write_file_layer(layout: Path, members: Iterable[tuple[str, int, Iterable[bytes]]], *,
                      level: int = 6) -> LayerDesc:
     """A gzip layer of regular files given as (path, size, chunks), e.g. a generated data file."""
-    blobs = Path(layout) / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-    tmp = blobs / f".partial-{os.getpid()}"
-    with open(tmp, "wb") as raw:
-        compressed = _Counting(raw)
-        with gzip.GzipFile(fileobj=compressed, mode="wb", compresslevel=level, mtime=0) as gz:
-            plain = _Counting(gz)
-            with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for path, size, chunks in members:
-                    parent = os.path.dirname(path)
-                    if parent:
-                        d = tarfile.TarInfo(parent)
-                        d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
-                        tar.addfile(d)
-                    info = tarfile.TarInfo(path)
-                    info.size, info.mode, info.mtime = size, 0o644, 1_700_000_000
-                    tar.addfile(info, _ChunkReader(chunks, size))
-        raw.flush()
-        os.fsync(raw.fileno())
-    digest = compressed.sha.hexdigest()
-    os.replace(tmp, blobs / digest)
-    return LayerDesc(f"sha256:{digest}", compressed.count, f"sha256:{plain.sha.hexdigest()}", plain.count)
+    def add(tar: tarfile.TarFile) -> None:
+        for path, size, chunks in members:
+            parent = os.path.dirname(path)
+            if parent:
+                d = tarfile.TarInfo(parent)
+                d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+                tar.addfile(d)
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = size, 0o644, 1_700_000_000
+            tar.addfile(info, _ChunkReader(chunks, size))
+    return _write_gzip_tar(layout, level, add)
 
 
 class _ChunkReader(io.RawIOBase):
