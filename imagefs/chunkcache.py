@@ -4,7 +4,8 @@
     STORE/chunks/<layer-hex>/present   one byte per chunk: 1 once that chunk's data is durable
 
 A read names a byte range of the compressed blob; the chunks it touches that are missing are
-fetched (neighbouring misses coalesced into one range request, at most `max_run` chunks each),
+fetched (neighbouring misses coalesced into one range request, at most `max_run` chunks each,
+`RUN_BYTES` by default),
 checked against the index's per-chunk sha256, written, fsynced, and only then marked present, so a
 crash never leaves a chunk marked that was not written. A chunk that fails its digest is fetched
 once more and then reported as `ChunkCorrupt`: wrong bytes are never served.
@@ -25,6 +26,9 @@ from pathlib import Path
 from imagefs.errors import RuntimeFailure
 
 Fetch = Callable[[int, int], bytes]  # (start, length) -> exactly length bytes of the blob
+# The most one range request asks for: big enough that a round trip is small beside the transfer
+# on a fast link, small enough that one request does not hold up the reads queued behind it.
+RUN_BYTES = 4 << 20
 
 
 class ChunkCorrupt(RuntimeFailure):
@@ -33,14 +37,14 @@ class ChunkCorrupt(RuntimeFailure):
 
 class ChunkCache:
     def __init__(self, directory: Path, size: int, chunk_size: int, digests: Sequence[bytes] | None,
-                 fetch: Fetch, *, max_run: int = 8, what: str = "layer") -> None:
+                 fetch: Fetch, *, max_run: int | None = None, what: str = "layer") -> None:
         self.size = size
         self.chunk_size = chunk_size
         self.nchunks = (size + chunk_size - 1) // chunk_size
         if digests is not None and len(digests) != self.nchunks:
             raise ValueError(f"{len(digests)} chunk digests for {self.nchunks} chunks")
         self.digests = digests
-        self.max_run = max_run
+        self.max_run = max_run or max(1, RUN_BYTES // chunk_size)
         self.what = what
         self._fetch = fetch
         directory.mkdir(parents=True, exist_ok=True)
@@ -65,6 +69,11 @@ class ChunkCache:
 
     def complete(self) -> bool:
         return self.present_count() == self.nchunks
+
+    def has(self, first: int, last: int) -> bool:
+        """Whether chunks [first, last) are all present."""
+        with self._lock:
+            return all(self._present[first:last])
 
     def forget(self) -> None:
         """Mark every chunk missing (the whole layer failed its digest: refetch it all)."""

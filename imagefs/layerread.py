@@ -5,14 +5,14 @@ supplies bytes of the *compressed* blob (a local file, a verified chunk cache, H
 the caller decides, and verifies with `verify_chunk`).
 
 - none: uncompressed offsets are blob offsets; reads go straight to fetch.
-- gzip: the span between two seek points is the unit. It is fetched, inflated from its seek point
-  (`zran.inflate_span`) and kept whole in a byte-bounded LRU, so sequential reads (128 KiB at a
-  time from FUSE) inflate each span once.
-- zstd: the region between two seek points (frame starts) is decoded sequentially by a cursor, a
-  streaming decompressor that continues across frames, and cached in pieces of `index.span`
-  bytes. An idle cursor is kept to continue from where it stopped, so sequential reads decompress
-  once; a read behind every cursor restarts from the region's seek point. A single-frame zstd layer
-  has one region: it is read from its beginning (whole, for a read near its end).
+- gzip and zstd: the region between two seek points is decoded sequentially by a cursor (an
+  `zran.Inflater` restarted at the seek point with its window, or a zstd stream reader that
+  continues across frames) and cached in pieces (`GZIP_PIECE`, or `index.span` for zstd). A gzip
+  cursor fetches compressed bytes only as far as the piece it must produce (estimated from the
+  region's compression ratio, topped up when short), so a small file costs the bytes from its seek
+  point to its end, not the whole region. An idle cursor is kept to continue from where it
+  stopped, so sequential reads decompress once; a read behind every cursor restarts from the
+  region's seek point. A single-frame zstd layer has one region: it is read from its beginning.
 
 Concurrency: every method is thread-safe (worker threads call `read` at once). One lock guards the
 cache, the in-flight table and the idle cursors; decompression and fetches run outside it (libz
@@ -40,6 +40,11 @@ Fetch = Callable[[int, int], bytes]  # (start, length) -> exactly length bytes
 _Key = tuple[int, int]  # (seek point, piece within its region)
 
 DEFAULT_CACHE_BYTES = 64 << 20
+# Gzip pieces: the unit of caching and of the compressed bytes fetched beyond what a read needs.
+# Small, because a lazy read of a small file pays for every byte fetched past its end.
+GZIP_PIECE = 128 << 10
+_MIN_FETCH = 32 << 10  # a gzip cursor's smallest top-up fetch
+_MAX_WINDOWS = 256  # range-fetched windows kept per layer (32 KiB each at most)
 
 
 def verify_chunk(index: LayerIndex, chunk_no: int, data: bytes) -> bool:
@@ -94,11 +99,60 @@ class _ZstdCursor:
         self._reader.close()
 
 
+class _GzipCursor:
+    """An inflater positioned at uncompressed offset `pos` inside region `region`, fetching the
+    region's compressed bytes as it goes (see the module docstring)."""
+
+    def __init__(self, fetch: Fetch, index: LayerIndex, region: int, window: bytes, what: str) -> None:
+        point = index.points[region]
+        self.region, self.pos = region, point.uoffset
+        self._fetch, self._what = fetch, what
+        self._cpos = point.coffset - (1 if point.bits else 0)
+        if region + 1 < len(index.points):
+            nxt = index.points[region + 1]
+            self._cend, uend = nxt.coffset, nxt.uoffset
+        else:
+            self._cend, uend = index.compressed_size, index.uncompressed_size
+        self._ratio = (self._cend - self._cpos) / max(uend - point.uoffset, 1)
+        self._chunk = index.chunk_size
+        self._inflater = zran.Inflater(bits=point.bits, window=window)
+
+    def read_exact(self, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            data = self._inflater.read(n - got)
+            if data:
+                parts.append(data)
+                got += len(data)
+            elif self._inflater.needs_input:
+                self._top_up(n - got)
+        self.pos += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _top_up(self, wanted: int) -> None:
+        """Fetch the compressed bytes that *wanted* more output probably needs, to a chunk end."""
+        if self._cpos >= self._cend:
+            raise zran.ZlibError("gzip: compressed data ended early")
+        guess = self._cpos + max(int(wanted * self._ratio * 1.1), _MIN_FETCH)
+        stop = min(-(-guess // self._chunk) * self._chunk, self._cend)
+        data = self._fetch(self._cpos, stop - self._cpos)
+        if len(data) != stop - self._cpos:
+            raise RuntimeFailure(self._what, f"short read at {self._cpos}")
+        self._inflater.feed(data)
+        self._cpos = stop
+
+    def close(self) -> None:
+        self._inflater.close()
+
+
+_Cursor = _ZstdCursor | _GzipCursor
+
+
 class LayerReader:
     """Reads of one layer's uncompressed tar stream (see the module docstring)."""
 
     def __init__(self, index: LayerIndex, fetch: Fetch, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 fetch_index: Fetch | None = None, max_cursors: int = 2) -> None:
+                 fetch_index: Fetch | None = None, max_cursors: int = 8) -> None:
         """*fetch_index* range-reads the serialised index; needed only when *index* came from
         `LayerIndex.from_meta` (windows not in memory) and the layer is gzip."""
         if index.windows is None and fetch_index is None and index.compression == "gzip":
@@ -110,11 +164,13 @@ class LayerReader:
         self._fetch_index = fetch_index
         self._what = f"layer {index.digest}"
         self._starts = [p.uoffset for p in index.points]
+        self._piece = GZIP_PIECE if index.compression == "gzip" else index.span
         self._lock = threading.Lock()
         self._cache: OrderedDict[_Key, bytes] = OrderedDict()
         self._cached = 0
         self._inflight: dict[_Key, threading.Event] = {}
-        self._cursors: list[_ZstdCursor] = []  # idle ones, oldest first
+        self._cursors: list[_Cursor] = []  # idle ones, oldest first
+        self._windows: OrderedDict[int, bytes] = OrderedDict()  # range-fetched windows, by region
         self._max_cursors = max_cursors
 
     @property
@@ -172,6 +228,23 @@ class LayerReader:
         stop = points[last + 1].coffset if last + 1 < len(points) else self.index.compressed_size
         return max(start, 0), stop
 
+    def readahead_extent(self, uoffset: int, length: int) -> tuple[int, int]:
+        """The compressed range [start, end) a read of [uoffset, uoffset+length) will probably use:
+        `compressed_extent`, but ending (for gzip) where the region's compression ratio says the
+        data ends rather than at the next seek point, so a small file is not fetched with the
+        rest of its region. What to fetch ahead, in parallel, when a file is opened."""
+        start, stop = self.compressed_extent(uoffset, length)
+        if self.index.compression != "gzip" or not self._starts:
+            return start, stop
+        end = min(uoffset + max(length, 1), self.index.uncompressed_size)
+        i = max(bisect.bisect_right(self._starts, end - 1) - 1, 0)
+        points = self.index.points
+        cstart, ustart = points[i].coffset, points[i].uoffset
+        cend = points[i + 1].coffset if i + 1 < len(points) else self.index.compressed_size
+        ratio = (cend - cstart) / max(self._region_end(i) - ustart, 1)
+        guess = cstart + int((end - ustart) * ratio * 1.1) + _MIN_FETCH
+        return start, max(min(stop, guess), start + 1)
+
     # -- pieces -----------------------------------------------------------------------------------
 
     def _region_end(self, i: int) -> int:
@@ -181,11 +254,9 @@ class LayerReader:
         """The cache key and uncompressed extent of the piece holding *pos*."""
         i = bisect.bisect_right(self._starts, pos) - 1
         start, stop = self._starts[i], self._region_end(i)
-        if self.index.compression == "gzip":
-            return (i, 0), start, stop
-        k = (pos - start) // self.index.span
-        piece_start = start + k * self.index.span
-        return (i, k), piece_start, min(piece_start + self.index.span, stop)
+        k = (pos - start) // self._piece
+        piece_start = start + k * self._piece
+        return (i, k), piece_start, min(piece_start + self._piece, stop)
 
     def _get(self, key: _Key, start: int, stop: int) -> bytes:
         while True:
@@ -227,29 +298,6 @@ class LayerReader:
     def _decode(self, key: _Key, start: int, stop: int) -> bytes:
         with self._lock:
             self.decoded += 1
-        if self.index.compression == "gzip":
-            return self._inflate(key[0], stop - start)
-        return self._unzstd(key, start, stop)
-
-    def _inflate(self, i: int, length: int) -> bytes:
-        points, index = self.index.points, self.index
-        p = points[i]
-        cstart = p.coffset - (1 if p.bits else 0)
-        cend = points[i + 1].coffset if i + 1 < len(points) else index.compressed_size
-        data = self._fetch(cstart, cend - cstart)
-        if len(data) != cend - cstart:
-            raise RuntimeFailure(self._what, f"short read at {cstart}")
-        if index.windows is not None:
-            window = index.window(i)
-        else:
-            assert self._fetch_index is not None
-            window = index.decode_window(i, self._fetch_index(*index.window_range(i)))
-        try:
-            return zran.inflate_span(data, bits=p.bits, window=window, length=length)
-        except zran.ZlibError as e:
-            raise InputError(self._what, f"does not inflate at seek point {i}: {e}") from None
-
-    def _unzstd(self, key: _Key, start: int, stop: int) -> bytes:
         region = key[0]
         with self._lock:  # the idle cursor of this region furthest along but not past the piece
             usable = [c for c in self._cursors if c.region == region and c.pos <= start]
@@ -259,15 +307,18 @@ class LayerReader:
         ok = False
         try:
             if cursor is None:
-                cursor = _ZstdCursor(self._fetch, self.index, region, self._what)
-            region_start, span = self._starts[region], self.index.span
+                cursor = self._new_cursor(region)
+            region_start = self._starts[region]
             while cursor.pos < start:  # decode what lies before; cache it, it cost the same
-                k = (cursor.pos - region_start) // span
-                self._put((region, k), cursor.read_exact(span))
+                k = (cursor.pos - region_start) // self._piece
+                piece_end = min(region_start + (k + 1) * self._piece, stop)
+                self._put((region, k), cursor.read_exact(piece_end - cursor.pos))
             data = cursor.read_exact(stop - start)
             ok = True
         except zstandard.ZstdError as e:
             raise InputError(self._what, f"does not decompress after seek point {region}: {e}") from None
+        except zran.ZlibError as e:
+            raise InputError(self._what, f"does not inflate after seek point {region}: {e}") from None
         finally:
             if not ok and cursor is not None:
                 cursor.close()
@@ -277,7 +328,43 @@ class LayerReader:
             cursor.close()
         return data
 
-    def _park(self, cursor: _ZstdCursor) -> None:
+    def _new_cursor(self, region: int) -> _Cursor:
+        if self.index.compression == "zstd":
+            return _ZstdCursor(self._fetch, self.index, region, self._what)
+        return _GzipCursor(self._fetch, self.index, region, self._window(region), self._what)
+
+    # -- windows ----------------------------------------------------------------------------------
+
+    def needs_window(self, uoffset: int) -> bool:
+        """Whether starting to read at *uoffset* would range-fetch a window first."""
+        if self.index.compression != "gzip" or self.index.windows is not None or not self._starts:
+            return False
+        region = max(bisect.bisect_right(self._starts, uoffset) - 1, 0)
+        with self._lock:
+            return region not in self._windows
+
+    def window_at(self, uoffset: int) -> bytes:
+        """The window of the seek point before *uoffset* (fetched now if it must be)."""
+        return self._window(max(bisect.bisect_right(self._starts, uoffset) - 1, 0))
+
+    def _window(self, region: int) -> bytes:
+        index = self.index
+        if index.windows is not None:
+            return index.window(region)
+        with self._lock:
+            window = self._windows.get(region)
+            if window is not None:
+                self._windows.move_to_end(region)
+                return window
+        assert self._fetch_index is not None
+        window = index.decode_window(region, self._fetch_index(*index.window_range(region)))
+        with self._lock:  # kept: a region is restarted from its point by every read behind its cursors
+            self._windows[region] = window
+            while len(self._windows) > _MAX_WINDOWS:
+                self._windows.popitem(last=False)
+        return window
+
+    def _park(self, cursor: _Cursor) -> None:
         with self._lock:
             self._cursors.append(cursor)
             evicted = self._cursors[:-self._max_cursors] if self._max_cursors else self._cursors[:]

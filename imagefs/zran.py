@@ -20,8 +20,13 @@ refers back. A span may still contain member boundaries (when members are shorte
 after the last member that are not another member are an error (as in Go's gzip reader, which is
 what Docker and containerd use).
 
+`Inflater` is the incremental form of `inflate_span`: it starts at a seek point and is fed the
+compressed bytes as they arrive, so a reader fetches only as far into a span as the bytes it wants,
+and can stop, keep the inflater, and continue later from where it stopped (sequential reads).
+
 Concurrency: `inflate_span` is reentrant; each call owns its z_stream, and libz runs with the GIL
-released, so several threads inflate in parallel. A `GzipScanner` belongs to one thread.
+released, so several threads inflate in parallel. A `GzipScanner` or an `Inflater` belongs to one
+thread at a time.
 """
 
 from __future__ import annotations
@@ -281,3 +286,97 @@ def inflate_span(data: bytes, *, bits: int, window: bytes, length: int) -> bytes
         return out.raw
     finally:
         _z.inflateEnd(ctypes.byref(strm))
+
+
+class Inflater:
+    """Inflation restarted at a seek point and fed its compressed bytes piece by piece.
+
+    `feed(data)` appends compressed bytes (the first piece starts at `coffset - 1` when bits > 0,
+    else at `coffset`, as for `inflate_span`); `read(n)` returns up to *n* uncompressed bytes from
+    what has been fed: fewer only when it needs more input (`needs_input` is then true). Gzip
+    member boundaries are crossed as in `inflate_span`. Raises ZlibError on corrupt data.
+    Always `close()` it (frees the z_stream).
+    """
+
+    def __init__(self, *, bits: int, window: bytes) -> None:
+        if not 0 <= bits <= 7 or len(window) > WINDOW_SIZE:
+            raise ValueError("bad seek point")
+        self._strm: _ZStream | None = _new_stream(_RAW_WBITS)
+        self._bits = bits
+        self._window = window
+        self._primed = False
+        self._buf = b""  # fed bytes; libz has consumed _buf[:_off]
+        self._off = 0
+        self._raw = True  # still in the point's own member (raw: its trailer is skipped by hand)
+        self._member_end = False  # a member ended; the next read starts the next one
+        self._starved = False  # the last read stopped inside a trailer: it needs more bytes
+        self.total_in = 0  # compressed bytes fed so far
+
+    def close(self) -> None:
+        if self._strm is not None:
+            _z.inflateEnd(ctypes.byref(self._strm))
+            self._strm = None
+
+    @property
+    def needs_input(self) -> bool:
+        """Whether `read` stopped (or would stop) for want of compressed bytes."""
+        return self._starved or self._off >= len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        self.total_in += len(data)
+        rest = self._buf[self._off:]
+        self._buf, self._off = (rest + data if rest else bytes(data)), 0
+        self._starved = False
+
+    def _prime(self, strm: _ZStream) -> bool:
+        if self._bits:
+            if self.needs_input:
+                return False
+            first = self._buf[self._off]
+            _check(strm, _z.inflatePrime(ctypes.byref(strm), self._bits, first >> (8 - self._bits)), "inflatePrime")
+            self._off += 1
+        if self._window:
+            _check(strm, _z.inflateSetDictionary(ctypes.byref(strm), self._window, len(self._window)),
+                   "inflateSetDictionary")
+        self._primed = True
+        return True
+
+    def read(self, n: int) -> bytes:
+        strm = self._strm
+        if strm is None:
+            raise ValueError("inflater is closed")
+        if n <= 0 or (not self._primed and not self._prime(strm)):
+            return b""
+        out = ctypes.create_string_buffer(n)
+        base = ctypes.addressof(out)
+        made = 0
+        keep, addr = _address(self._buf)
+        while made < n and self._off < len(self._buf):
+            if self._member_end:
+                if self._raw:  # raw inflate stops before the 8-byte gzip trailer (CRC32, ISIZE)
+                    if len(self._buf) - self._off < 8:
+                        self._starved = True  # the rest of the trailer comes with the next piece
+                        break
+                    self._off += 8
+                    _check(strm, _z.inflateReset2(ctypes.byref(strm), _GZIP_WBITS), "gzip")
+                    self._raw = False
+                else:
+                    _check(strm, _z.inflateReset(ctypes.byref(strm)), "gzip")
+                self._member_end = False
+                continue
+            avail = len(self._buf) - self._off
+            strm.next_in, strm.avail_in = addr + self._off, avail
+            strm.next_out, strm.avail_out = base + made, n - made
+            ret = _z.inflate(ctypes.byref(strm), Z_NO_FLUSH)
+            self._off += avail - strm.avail_in
+            made = n - strm.avail_out
+            if ret == Z_STREAM_END:
+                self._member_end = True
+                continue
+            if ret == Z_BUF_ERROR:
+                break  # needs more input
+            _check(strm, ret, "gzip")
+        del keep
+        return out.raw[:made]

@@ -177,3 +177,39 @@ def test_z_streams_freed_on_error_paths() -> None:
             sc.finish()
         sc.close()  # idempotent after finish
     assert _rss() - before < 30 << 20
+
+
+@pytest.mark.parametrize("members", [1, 4])
+def test_inflater_fed_in_pieces_continues_across_reads(data: bytes, members: int) -> None:
+    """The incremental inflater gives what inflate_span gives, whatever the sizes of the pieces fed
+    and of the reads asked for: 1-byte pieces (a trailer and a header split across feeds) included."""
+    cuts = [len(data) * i // members for i in range(members + 1)]
+    comp = b"".join(gzip.compress(data[a:b], mtime=0) for a, b in zip(cuts, cuts[1:]))
+    _, points = scan(comp, 256 << 10)
+    rng = random.Random(members)
+    for p in points[:: max(1, len(points) // 8)]:
+        inflater = zran.Inflater(bits=p.bits, window=p.window)
+        pos = p.coffset - (1 if p.bits else 0)
+        want = min(len(data) - p.uoffset, 3 << 20)
+        got = bytearray()
+        try:
+            while len(got) < want:
+                if inflater.needs_input:
+                    step = rng.choice([1, 13, 4096, 200_000])
+                    inflater.feed(comp[pos:pos + step])
+                    pos += step
+                got += inflater.read(min(rng.choice([1, 5000, 300_000]), want - len(got)))
+        finally:
+            inflater.close()
+        assert bytes(got) == data[p.uoffset:p.uoffset + want], p.uoffset
+        assert inflater.total_in <= pos - (p.coffset - (1 if p.bits else 0)) + 1
+
+
+def test_inflater_rejects_corrupt_data() -> None:
+    inflater = zran.Inflater(bits=0, window=b"")
+    try:
+        inflater.feed(b"\x07\x00\x00")  # a raw deflate block of BTYPE 11: reserved
+        with pytest.raises(zran.ZlibError, match="invalid block type"):
+            inflater.read(100)
+    finally:
+        inflater.close()
