@@ -14,9 +14,11 @@ When a layer's cache is complete its whole sha256 is checked against the layer d
 data is linked into STORE/blobs/sha256/, so later mounts read it as a local blob: the image then
 survives the loss of its registry.
 
-An access profile (STORE/images/<id>/profile.json, the paths in first-read order) is recorded by
-`ProfileRecorder` while the first tasks run (as Slacker and stargz's prioritised files do), and
-written when recording ends; the next mount on any machine with that file fetches them first.
+An access profile (STORE/images/<id>/profile.json, the paths in first-read order; the format is
+stores/store.py's) is recorded by `ProfileRecorder` while the first tasks run (as Slacker and
+stargz's prioritised files do), and written when recording ends; the next mount fetches them first.
+`imagefs index --push` publishes it beside the image with the layer indexes, and a pull on any other
+machine that takes those indexes takes the profile too (imagefs/publish.py).
 
 Concurrency: the prefetcher is one plain thread; it stops between runs when `stop` is set. The
 recorder is called from read worker threads and guards its state with a lock.
@@ -25,43 +27,47 @@ recorder is called from read worker threads and guards its state with a lock.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
 from imagefs.chunkcache import ChunkCache
 from imagefs.errors import ImagefsError
+from imagefs.publish import fetch_full_index
 from imagefs.union import Inode
 from imagefs.view import ImageView
-from stores.fsutil import atomic_write, fsync_dir
+from stores.fsutil import fsync_dir
 from stores.store import Store
 
 log = logging.getLogger(__name__)
 
 PrefetchMode = Literal["none", "profile", "all"]
 PREFETCH_MODES = ("none", "profile", "all")
-PROFILE_NAME = "profile.json"
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after a failed fetch; waits on `stop`, so exit is prompt
 # The "all" phase is low priority: it waits until tasks have not read for this long, so a start-up
 # burst of reads has the link to itself (measured: sharing it made cold starts 2x slower).
 QUIET_SECONDS = 1.0
+PROFILE_THREADS = 4  # range requests in flight while the profile is fetched
 
 
 def profile_path(store: Store, image_id: str) -> Path:
-    return store.image_dir(image_id) / PROFILE_NAME
+    return store.profile_path(image_id)
 
 
 def load_profile(store: Store, image_id: str) -> list[bytes]:
+    """The image's profile as tree paths; empty when it has none or a damaged one (the next mount
+    then records a new one: a profile only orders prefetching, it is never needed)."""
     try:
-        doc = json.loads(profile_path(store, image_id).read_text())
-        return [os.fsencode(p) for p in doc["paths"]]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        paths = store.read_profile(image_id)
+    except ImagefsError as e:
+        log.warning("%s: ignored: %s", e.what, e.why)
         return []
+    return [os.fsencode(p) for p in paths or ()]
 
 
 class ProfileRecorder:
@@ -98,20 +104,20 @@ class ProfileRecorder:
             if ino in wanted and ino not in names:
                 names[ino] = path
         paths = [os.fsdecode(names[i]) for i in self._seen if i in names]
-        atomic_write(profile_path(self._store, self._view.record.id),
-                     json.dumps({"format": 1, "paths": paths}, indent=0).encode())
+        self._store.put_profile(self._view.record.id, paths)
 
 
 class Prefetcher:
     def __init__(self, store: Store, view: ImageView, mode: PrefetchMode = "all", *,
-                 stop: threading.Event | None = None, max_run: int = 8, quiet: float = QUIET_SECONDS) -> None:
+                 stop: threading.Event | None = None, max_run: int | None = None,
+                 quiet: float = QUIET_SECONDS) -> None:
         if mode not in PREFETCH_MODES:
             raise ValueError(mode)
         self.store = store
         self.view = view
         self.mode = mode
         self.stop = stop or threading.Event()
-        self.max_run = max_run
+        self.max_run = max_run  # chunks per request; None: the chunk cache's own (RUN_BYTES)
         self.quiet = quiet
         self.done = threading.Event()  # set when the prefetch finished (or gave up because of stop)
 
@@ -128,29 +134,46 @@ class Prefetcher:
             self.done.set()
 
     def _prefetch_paths(self, paths: Iterable[bytes]) -> None:
+        """Fetch the profile's files, several requests at once (a profile is what a start reads
+        one file after another: fetched in parallel it is one transfer, not a chain of round
+        trips), in profile order, each with the window its first read restarts from."""
+        jobs: list[Callable[[], object]] = []
         for path in paths:
-            if self.stop.is_set():
-                return
             ino = self.view.tree.resolve(path)
             location = self.view.tree.node(ino).location if ino is not None else None
             if location is None or location.size == 0:
                 continue
-            data = self.view.data[location.layer]
-            if data.cache is None:
+            cache = self.view.data[location.layer].cache
+            if cache is None:
                 continue
-            start, end = self.view.readers[location.layer].compressed_extent(location.offset, location.size)
-            self._ensure(data.cache, start // data.cache.chunk_size, (end - 1) // data.cache.chunk_size + 1)
+            reader = self.view.readers[location.layer]
+            start, end = reader.readahead_extent(location.offset, location.size)
+            size = cache.chunk_size
+            for first in range(start // size, (end - 1) // size + 1, cache.max_run):
+                last = min(first + cache.max_run, (end - 1) // size + 1)
+                jobs.append(lambda c=cache, f=first, l=last: c.ensure(f, l))
+            if reader.needs_window(location.offset):  # so the file reads without the registry
+                jobs.append(lambda r=reader, o=location.offset: r.window_at(o))
+        if not jobs:
+            return
+        with ThreadPoolExecutor(PROFILE_THREADS, thread_name_prefix="imagefs-profile") as pool:
+            for future in [pool.submit(self._retrying, job) for job in jobs]:
+                future.result()
 
     def _fetch_layer(self, position: int) -> None:
         data = self.view.data[position]
         cache = data.cache
         if cache is None:
             return
-        for first in range(0, cache.nchunks, self.max_run):
+        if not self.store.has_full_index(data.layer.digest):  # every window, for reads offline
+            self._yield_to_reads()
+            self._retrying(lambda: fetch_full_index(self.store, self.view.source(), data.layer))
+        step = self.max_run or cache.max_run
+        for first in range(0, cache.nchunks, step):
             self._yield_to_reads()
             if self.stop.is_set():
                 return
-            self._ensure(cache, first, min(first + self.max_run, cache.nchunks))
+            self._ensure(cache, first, min(first + step, cache.nchunks))
         if cache.complete() and not self.stop.is_set():
             self._promote(data.layer.digest, cache)
 
@@ -162,15 +185,18 @@ class Prefetcher:
             self.stop.wait(self.quiet - idle)
 
     def _ensure(self, cache: ChunkCache, first: int, last: int) -> None:
+        self._retrying(lambda: cache.ensure(first, last))
+
+    def _retrying(self, fetch: Callable[[], object]) -> None:
         for delay in (*RETRY_DELAYS, None):
             if self.stop.is_set():
                 return
             try:
-                cache.ensure(first, last)
+                fetch()
                 return
             except ImagefsError as e:
                 if delay is None:
-                    log.warning("prefetch gave up on %s: %s", cache.what, e.why)
+                    log.warning("prefetch gave up on %s: %s", e.what, e.why)
                     return
                 self.stop.wait(delay)  # the registry may come back; stop ends the wait at once
 

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from imagefs.chunkcache import ChunkCache
@@ -33,6 +34,14 @@ from stores.store import ImageRecord, Store
 log = logging.getLogger(__name__)
 
 SourceOpener = Callable[[], Source]
+Fetch = Callable[[int, int], bytes]
+
+# Read-ahead on open: a file opened is nearly always read whole (binaries, libraries, modules), and
+# its reads arrive one after another, each a round trip. Fetching its compressed bytes at open, in
+# parallel requests of READAHEAD_PIECE, turns that chain of round trips into one transfer.
+READAHEAD_BYTES = 32 << 20  # at most this much of one file's compressed data
+READAHEAD_PIECE = 256 << 10
+READAHEAD_THREADS = 4
 
 
 class _LazySource:
@@ -92,17 +101,42 @@ class ImageView:
         self._source = source
         self.on_read: Callable[[Inode], None] | None = None  # e.g. the access-profile recorder
         self.last_read = time.monotonic()  # when a task last read: background work yields to it
+        self._readahead: ThreadPoolExecutor | None = None
+        self._readahead_lock = threading.Lock()
 
     @classmethod
     def open(cls, store: Store, record: ImageRecord, opener: SourceOpener) -> ImageView:
         source = _LazySource(record.source, opener)
-        indexes = [LayerIndex.from_bytes(store.read_index(layer.digest), layer.digest)
-                   for layer in record.image.layers]
+        indexes, window_fetches = [], []
+        for layer in record.image.layers:
+            index, fetch_index = cls._load_index(store, layer, source)
+            indexes.append(index)
+            window_fetches.append(fetch_index)
         tree = Tree.build([ix.entries for ix in indexes],
                           warn=lambda msg: log.warning("image %s: %s", record.id[:12], msg))
         data = [cls._layer_data(store, layer, ix, source) for layer, ix in zip(record.image.layers, indexes)]
-        readers = [LayerReader(ix, d.fetch) for ix, d in zip(indexes, data)]
+        readers = [LayerReader(ix, d.fetch, fetch_index=f) for ix, d, f in zip(indexes, data, window_fetches)]
         return cls(record, tree, readers, data, source)
+
+    @staticmethod
+    def _load_index(store: Store, layer: Layer, source: _LazySource) -> tuple[LayerIndex, Fetch | None]:
+        """The layer's index, and for one held only as metadata, how to range-read its windows:
+        from the whole index once the store has it (the prefetcher fetches it), else from the
+        published blob in the registry (each window is checked against the metadata)."""
+        if store.has_full_index(layer.digest):
+            return LayerIndex.from_bytes(store.read_index(layer.digest), layer.digest), None
+        meta, remote = store.read_index_meta(layer.digest)
+        index = LayerIndex.from_meta(meta, layer.digest)
+        blob = remote.get("digest", "")
+        whole = store.index_path(layer.digest)
+
+        def fetch_window(start: int, length: int) -> bytes:
+            try:
+                with open(whole, "rb") as f:
+                    return os.pread(f.fileno(), length, start)
+            except FileNotFoundError:
+                return source.get().read_range(blob, start, length)
+        return index, fetch_window
 
     @staticmethod
     def _layer_data(store: Store, layer: Layer, index: LayerIndex, source: _LazySource) -> LayerData:
@@ -131,7 +165,55 @@ class ImageView:
         n = min(size, location.size - offset)
         return self.readers[location.layer].read(location.offset + offset, n)
 
+    def source(self) -> Source:
+        """The image's source (opened on first use)."""
+        return self._source.get()
+
+    def opened(self, ino: Inode) -> None:
+        """File *ino* was opened: start fetching the chunks its reads will want (see
+        READAHEAD_BYTES). Returns at once; failures are left to the reads, which fetch again."""
+        location = self.tree.node(ino).location
+        if location is None or location.size == 0:
+            return
+        cache = self.data[location.layer].cache
+        if cache is None:
+            return
+        reader = self.readers[location.layer]
+        start, end = reader.readahead_extent(location.offset, location.size)
+        end = min(end, start + READAHEAD_BYTES)
+        size = cache.chunk_size
+        first, last = start // size, min((end - 1) // size + 1, cache.nchunks)
+        if cache.has(first, last):
+            return
+        self.last_read = time.monotonic()
+        step = max(1, READAHEAD_PIECE // size)
+        with self._readahead_lock:
+            if self._readahead is None:
+                self._readahead = ThreadPoolExecutor(READAHEAD_THREADS, thread_name_prefix="readahead")
+            if reader.needs_window(location.offset):  # its seek point's window, alongside the data
+                self._readahead.submit(self._window_ahead, reader, location.offset)
+            for f in range(first, last, step):
+                self._readahead.submit(self._fetch_ahead, cache, f, min(f + step, last))
+
+    @staticmethod
+    def _fetch_ahead(cache: ChunkCache, first: int, last: int) -> None:
+        try:
+            cache.ensure(first, last)
+        except Exception as e:  # noqa: BLE001 - the read that wants these chunks reports it
+            log.debug("read-ahead of %s chunks %d-%d: %s", cache.what, first, last, e)
+
+    @staticmethod
+    def _window_ahead(reader: LayerReader, uoffset: int) -> None:
+        try:
+            reader.window_at(uoffset)
+        except Exception as e:  # noqa: BLE001 - the read that wants it reports it
+            log.debug("read-ahead of a window of %s: %s", reader.index.digest, e)
+
     def close(self) -> None:
+        with self._readahead_lock:
+            pool, self._readahead = self._readahead, None
+        if pool is not None:  # before the caches close: its threads write into them
+            pool.shutdown(wait=True, cancel_futures=True)
         for d in self.data:
             d.close()
         self._source.close()

@@ -6,7 +6,9 @@ checked against the layer it names before it is stored; then the layer is not fe
 from the layer itself, fetched whole once (resumable, verified), indexed in one streaming pass, and
 dropped unless `all_layers`. From then on the lazy read path fetches only the ranges tasks read.
 A layer whose index and (if wanted) blob are already present is not fetched again, so an
-interrupted pull resumes where it stopped. `push_index` publishes the image's indexes afterwards.
+interrupted pull resumes where it stopped. A pull that takes published indexes also takes the
+access profile published with them, if the store has none for the image (the next mount prefetches
+its files first). `push_index` publishes the image's indexes (and profile) afterwards.
 """
 
 from __future__ import annotations
@@ -81,11 +83,20 @@ def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
         store.put_blob(image.manifest_digest, image.manifest)
         store.put_blob(image.config_digest, image.config)
         progress.start(image.id, list(image.layers))
-        published = published_indexes(source, image) if use_published and not all_layers else None
-        for layer in image.layers:
-            ensure_layer(store, source, layer, keep_blob=all_layers, progress=progress, published=published)
-        store.save_image(image, source.pinned(image.manifest_digest), [str(ref)])
-        if push_index and not (published is not None and published.covered(image)):
+        published = (published_indexes(source, image, want_profile=not store.has_profile(image.id))
+                     if use_published and not all_layers else None)
+        try:
+            if published is not None:
+                _prefetch_published(store, published, list(image.layers))
+            for layer in image.layers:
+                ensure_layer(store, source, layer, keep_blob=all_layers, progress=progress, published=published)
+            store.save_image(image, source.pinned(image.manifest_digest), [str(ref)])
+            if published is not None:
+                keep_published_profile(store, image, published)
+        finally:
+            if published is not None:
+                published.close()  # its profile fetch uses the source, which closes below
+        if push_index and not already_published(store, image, published):
             from imagefs.publish import publish
             from stores.registry import RegistrySource
 
@@ -95,15 +106,33 @@ def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
     return store.load(image.id)
 
 
-def published_indexes(source: Source, image: Image) -> PublishedIndexes | None:
+def published_indexes(source: Source, image: Image, *, want_profile: bool = False) -> PublishedIndexes | None:
     """The published-index lookup for a registry source (lazy: it asks nothing until a layer
-    needs an index); None for every other kind of source."""
+    needs an index; *want_profile*: it then fetches the published profile too); None for every
+    other kind of source."""
     if not isinstance(source.reference, DockerReference):
         return None  # checked first: the registry module (and httpx) is not loaded for local sources
     from imagefs.publish import PublishedIndexes
     from stores.registry import RegistrySource
 
-    return PublishedIndexes(source, image) if isinstance(source, RegistrySource) else None
+    return PublishedIndexes(source, image, want_profile=want_profile) if isinstance(source, RegistrySource) else None
+
+
+def keep_published_profile(store: Store, image: Image, published: PublishedIndexes) -> None:
+    """Store the profile published with the indexes, unless the store has one by now (a mount of
+    this image may have recorded its own meanwhile: a local recording is kept)."""
+    paths = published.profile()
+    if paths and not store.has_profile(image.id):
+        store.put_profile(image.id, paths)
+
+
+def already_published(store: Store, image: Image, published: PublishedIndexes | None) -> bool:
+    """Whether `push_index` has nothing to add: every index came from the registry and, if the
+    store has a profile, one is published already. A side effect of a pull does not replace
+    someone's published profile with ours; `imagefs index --push` does, on purpose."""
+    if published is None or not published.covered(image):
+        return False
+    return published.profile_listed or not store.has_profile(image.id)
 
 
 def find_or_pull(store: Store, reference: str, options: SourceOptions | None = None,
@@ -140,9 +169,7 @@ def ensure_layer(store: Store, source: Source, layer: Layer, *, keep_blob: bool,
     progress.layer_start(layer, already=False)
     with store.blob_lock(layer.digest):
         if published is not None and not keep_blob and not store.has_index(layer.digest):
-            data = published.index_for(layer)  # verified against the layer, or None
-            if data is not None:
-                store.put_index(layer.digest, data)
+            _take_published(store, published, layer)
         if store.has_index(layer.digest) and (not keep_blob or store.has_blob(layer.digest)):
             progress.layer_done(layer)  # published, or done by another pull while we waited
             return
@@ -151,11 +178,41 @@ def ensure_layer(store: Store, source: Source, layer: Layer, *, keep_blob: bool,
             layer.digest, layer.size,
             lambda offset: source.open_blob(layer.digest, layer.size, offset),
             lambda n: progress.advance(layer, n))
-        if not store.has_index(layer.digest):
+        if not store.has_full_index(layer.digest):
             store.put_index(layer.digest, build_layer_index(path, layer))
         if not keep_blob and not had_blob:
             path.unlink()
     progress.layer_done(layer)
+
+
+def _take_published(store: Store, published: PublishedIndexes, layer: Layer) -> None:
+    """Store the metadata part of the layer's published index, if it has a good one."""
+    from imagefs.publish import remote_of
+
+    found = published.meta_for(layer)  # verified against the layer, or None
+    if found is not None:
+        meta, ref = found
+        store.put_index_meta(layer.digest, meta, remote_of(ref))
+
+
+def _prefetch_published(store: Store, published: PublishedIndexes, layers: list[Layer]) -> None:
+    """Fetch the published index metadata of *layers* at once (one round trip, not one per layer);
+    `ensure_layer` then finds them present."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = list({layer.digest: layer for layer in layers if not store.has_index(layer.digest)}.values())
+    if len(wanted) < 2:
+        return  # ensure_layer does it: nothing to overlap
+
+    def one(layer: Layer) -> None:
+        with store.blob_lock(layer.digest):
+            if not store.has_index(layer.digest):
+                _take_published(store, published, layer)
+
+    published.lookup()  # once, before the threads share it
+    with ThreadPoolExecutor(min(len(wanted), 8), thread_name_prefix="imagefs-index") as pool:
+        for future in [pool.submit(one, layer) for layer in wanted]:
+            future.result()
 
 
 def build_layer_index(path: Path, layer: Layer) -> bytes:

@@ -5,8 +5,12 @@ Layout (../DESIGN.md "On-disk layout"):
     STORE/blobs/sha256/<hex>         verified blobs
     STORE/tmp/<hex>.partial          a blob being fetched (resumed after an interruption)
     STORE/indexes/<layer-hex>        layer indexes
+    STORE/indexes/<layer-hex>.meta   or only an index's metadata part, when the index came from a
+      and <layer-hex>.remote.json    published artifact: its windows are range-read from the index
+                                     blob in the registry (remote.json: that blob's descriptor)
     STORE/chunks/<layer-hex>/        lazily fetched pieces of layers
-    STORE/images/<image-id>/         manifest, config, source.json (where lazy reads go)
+    STORE/images/<image-id>/         manifest, config, source.json (where lazy reads go), and
+                                     profile.json: the image's access profile, when it has one
     STORE/refs/<quoted reference>    reference -> image id
     STORE/locks/                     flock files: one per blob, plus store.lock
 
@@ -25,8 +29,9 @@ import os
 import shutil
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from imagefs.errors import DigestMismatch, InputError, NotFound, RuntimeFailure
@@ -36,6 +41,57 @@ from stores.manifest import load_json, parse_config, parse_layers
 from stores.model import Image
 
 Progress = Callable[[int], None]  # called with the number of new bytes
+
+# An access profile: the paths a task read first, in first-read order (imagefs/prefetch.py records
+# them, imagefs/publish.py carries them beside the image). One document format, here and published.
+PROFILE_NAME = "profile.json"
+PROFILE_FORMAT = 1
+# Bounds what a pull accepts from a registry; a real profile (at most 10,000 paths) is far smaller.
+MAX_PROFILE_BYTES = 4 << 20
+
+
+def encode_profile(paths: Sequence[str]) -> bytes:
+    """The profile document, canonical (sorted keys, no spaces, ASCII), so that the same profile
+    is the same bytes everywhere: published twice, it is the same blob."""
+    return json.dumps({"format": PROFILE_FORMAT, "paths": list(paths)}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def parse_profile(data: bytes, what: str) -> list[str]:
+    """The paths of a profile document, or InputError: it must be at most MAX_PROFILE_BYTES of
+    `{"format": 1, "paths": [...]}` whose paths are normal relative paths (as a tree walk names them)."""
+    if len(data) > MAX_PROFILE_BYTES:
+        raise InputError(what, f"{len(data)} bytes, more than the {MAX_PROFILE_BYTES} a profile may have")
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(what, f"not a profile: bad JSON ({e})") from None
+    except RecursionError:  # deeply nested arrays: hostile, and not a profile either way
+        raise InputError(what, "not a profile: JSON nested too deeply") from None
+    version = doc.get("format") if isinstance(doc, dict) else None
+    if type(version) is not int or version != PROFILE_FORMAT:  # type(): True == 1 in Python
+        raise InputError(what, f"not a profile of format {PROFILE_FORMAT}")
+    paths = doc.get("paths")
+    if not isinstance(paths, list) or not all(isinstance(p, str) and _normal_path(p) for p in paths):
+        raise InputError(what, "not a profile: paths must be a list of normal relative paths")
+    return paths
+
+
+def _normal_path(path: str) -> bool:
+    return "\0" not in path and all(part not in ("", ".", "..") for part in path.split("/"))
+
+
+def _fit_profile(paths: Sequence[str]) -> list[str]:
+    """The leading paths whose document stays within MAX_PROFILE_BYTES: the order is first-read
+    order, so the head is what matters, and a profile must never be one its readers refuse."""
+    budget = MAX_PROFILE_BYTES - len(encode_profile([]))
+    kept = []
+    for path in paths:
+        budget -= len(json.dumps(path)) + 1  # ASCII-escaped, plus a comma
+        if budget < 0:
+            break
+        kept.append(path)
+    return kept
 
 
 @dataclass(frozen=True)
@@ -163,7 +219,31 @@ class Store:
 
     # -- indexes -----------------------------------------------------------------------------
     def has_index(self, layer_digest: str) -> bool:
+        """Whether the layer has an index here: whole, or its metadata part (windows remote)."""
+        return self.has_full_index(layer_digest) or self.index_meta_path(layer_digest).is_file()
+
+    def has_full_index(self, layer_digest: str) -> bool:
         return self.index_path(layer_digest).is_file()
+
+    def index_meta_path(self, layer_digest: str) -> Path:
+        return self.root / "indexes" / f"{hex_of(layer_digest)}.meta"
+
+    def _index_remote_path(self, layer_digest: str) -> Path:
+        return self.root / "indexes" / f"{hex_of(layer_digest)}.remote.json"
+
+    def put_index_meta(self, layer_digest: str, meta: bytes, remote: dict[str, Any]) -> None:
+        """Keep an index's metadata part and the descriptor of the published blob holding the
+        rest (written first: a .meta file always has its descriptor)."""
+        atomic_write(self._index_remote_path(layer_digest), json.dumps(remote, sort_keys=True).encode())
+        atomic_write(self.index_meta_path(layer_digest), meta)
+
+    def read_index_meta(self, layer_digest: str) -> tuple[bytes, dict[str, Any]]:
+        """(metadata part, published blob descriptor) of a layer whose index is not whole here."""
+        try:
+            remote = json.loads(self._index_remote_path(layer_digest).read_bytes())
+            return self.index_meta_path(layer_digest).read_bytes(), remote
+        except (FileNotFoundError, json.JSONDecodeError):
+            raise NotFound(f"layer {layer_digest}", "no index in the store (pull the image again)") from None
 
     def put_index(self, layer_digest: str, data: bytes) -> None:
         atomic_write(self.index_path(layer_digest), data)
@@ -173,6 +253,29 @@ class Store:
             return self.index_path(layer_digest).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"layer {layer_digest}", "no index in the store (pull the image again)") from None
+
+    # -- access profiles ---------------------------------------------------------------------
+    def profile_path(self, image_id: str) -> Path:
+        return self.image_dir(image_id) / PROFILE_NAME
+
+    def has_profile(self, image_id: str) -> bool:
+        return self.profile_path(image_id).is_file()
+
+    def read_profile(self, image_id: str) -> list[str] | None:
+        """The image's access profile (paths in first-read order); None when it has none,
+        InputError when the file is not a profile."""
+        path = self.profile_path(image_id)
+        try:
+            if path.stat().st_size > MAX_PROFILE_BYTES:  # not read whole just to be refused
+                raise InputError(str(path), f"more than the {MAX_PROFILE_BYTES} bytes a profile may have")
+            return parse_profile(path.read_bytes(), str(path))
+        except FileNotFoundError:
+            return None
+
+    def put_profile(self, image_id: str, paths: Sequence[str]) -> None:
+        """Record the image's access profile (replacing any); paths that are not normal are left
+        out, and the tail beyond MAX_PROFILE_BYTES, so what is written always reads back."""
+        atomic_write(self.profile_path(image_id), encode_profile(_fit_profile([p for p in paths if _normal_path(p)])))
 
     # -- images and refs ---------------------------------------------------------------------
     def save_image(self, image: Image, source: str, refs: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""Background prefetch and access profiles on real mounts, with a registry that goes away."""
+"""Background prefetch and access profiles on real mounts, with a registry that goes away; a
+profile published with the indexes is fetched first by a store that never ran the image."""
 
 from __future__ import annotations
 
@@ -74,6 +75,26 @@ def test_prefetch_all_makes_the_image_survive_the_registry(tmp_path, own_registr
     assert all(l["blob_local"] for l in _layers(cli, ref))  # promoted: verified whole layers
 
 
+def test_prefetch_all_from_published_indexes_survives_the_registry(tmp_path, own_registry, env):
+    """A store that took only the metadata of published indexes: the prefetch makes the indexes
+    whole as well as the layers, so every file (every window) reads with the registry gone."""
+    cli, mounts = env
+    ref = _image(tmp_path, own_registry)
+    Cli(tmp_path / "publisher" / "store", tmp_path / "publisher" / "work").run("index", "--push", ref)
+    mp = mounts.mount(ref, tmp_path / "mnt")
+    layers = _layers(cli, ref)
+    assert not any((cli.store / "indexes" / l["digest"][7:]).exists() for l in layers)  # metadata only
+    blobs, indexes = cli.store / "blobs" / "sha256", cli.store / "indexes"
+    wait_until(lambda: all((blobs / l["digest"][7:]).exists() and (indexes / l["digest"][7:]).exists()
+                           for l in layers), 120, "layers and indexes local")
+    own_registry.stop()
+    with open(mp / "data" / "big", "rb") as f:  # from the middle first: a window not read before
+        f.seek(len(BIG) - 100_000)
+        assert f.read() == BIG[-100_000:]
+    assert (mp / "data" / "big").read_bytes() == BIG
+    assert (mp / "bin" / "busybox").read_bytes() == Path("/bin/busybox").read_bytes()
+
+
 def test_profile_is_recorded_and_fetched_first(tmp_path, own_registry, env):
     cli, mounts = env
     ref = _image(tmp_path, own_registry)
@@ -98,3 +119,35 @@ def test_profile_is_recorded_and_fetched_first(tmp_path, own_registry, env):
     own_registry.stop()
     assert (mp / "data" / "small").read_bytes() == b"small file\n"  # served with the registry gone
     assert _read_errno(mp / "data" / "big") == errno.EIO  # never prefetched: not served, not wrong
+
+
+def test_published_profile_is_fetched_first_by_another_store(tmp_path, own_registry, env):
+    """Store A records a profile and publishes it with the indexes (`index --push`); store B,
+    which never ran the image, mounts it: the pull brings the indexes and the profile, and the
+    profiled file's chunks arrive before anything reads them."""
+    cli, mounts = env
+    ref = _image(tmp_path, own_registry)
+    mp = mounts.mount(ref, tmp_path / "mnt", "--prefetch", "none")
+    assert (mp / "data" / "small").read_bytes() == b"small file\n"
+    cli.run("umount", str(mp))
+    image_id = json.loads(cli.run("inspect", "--json", ref).stdout)["id"]
+    recorded = (cli.store / "images" / image_id / "profile.json").read_bytes()
+    assert json.loads(recorded)["paths"] == ["data/small"]
+    r = cli.run("index", "--push", ref)
+    assert "access profile of 1 file(s)" in r.stdout, r.stdout
+
+    other = Cli(tmp_path / "b" / "store", tmp_path / "b" / "work")
+    other_mounts = Mounts(other)
+    try:
+        mp_b = other_mounts.mount(ref, tmp_path / "mnt-b", "--prefetch", "profile")  # pulls first
+        assert (other.store / "images" / image_id / "profile.json").read_bytes() == recorded
+        layers = _layers(other, ref)
+        assert not any(l["blob_local"] for l in layers)  # the indexes were published: no layer fetched
+        data_layer = layers[1]["digest"][7:]
+        present = other.store / "chunks" / data_layer / "present"
+        wait_until(lambda: present.exists() and any(present.read_bytes()), 60, "profile prefetch")
+        own_registry.stop()
+        assert (mp_b / "data" / "small").read_bytes() == b"small file\n"  # served with the registry gone
+        assert _read_errno(mp_b / "data" / "big") == errno.EIO  # not in the profile: never fetched
+    finally:
+        other_mounts.cleanup()

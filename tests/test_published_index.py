@@ -2,13 +2,17 @@
 API, so the `sha256-<hex>` tag schema): `imagefs index --push` and `pull --push-index` publish, and
 fresh stores pull and mount through a counting `HttpFront` without fetching a layer whole; doctored
 artifacts are refused, the referrers tag is read-modify-written, a (faked) referrers API is
-preferred, and pushes go through basic and token auth. Plus the artifact logic on its own."""
+preferred, and pushes go through basic and token auth. Access profiles travel in the artifact: a
+profile recorded later re-publishes, pullers take the newest good one, and a bad one is a warning
+that costs nothing else. Plus the artifact logic on its own."""
 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
+import os
 import random
 import threading
 from collections import defaultdict
@@ -25,19 +29,25 @@ from imagefs.publish import (
     ANN_LAYER,
     ANN_META_DIGEST,
     ANN_META_SIZE,
+    ANN_PROFILE_FORMAT,
     ARTIFACT_TYPE,
     EMPTY_DIGEST,
     EMPTY_MEDIA_TYPE,
     INDEX_MEDIA_TYPE,
+    PROFILE_MEDIA_TYPE,
+    PublishedProfile,
     build_artifact,
     index_blob,
     parse_artifact,
+    profile_blob,
     verify_index,
+    verify_profile,
 )
 from stores.model import Descriptor, Layer
 from stores.reference import parse_reference
 from stores.referrers import Referrer, add_referrer, fallback_tag, parse_referrers, push_referrer
 from stores.registry import RegistrySource
+from stores.store import MAX_PROFILE_BYTES, Store, encode_profile, parse_profile
 from tests.conftest import requires_skopeo
 from tests.mounts import Cli, Mounts, diff, needs_fuse, snapshot
 from tests.support.images import Member, OciLayout, compress, layer_tar, push
@@ -51,6 +61,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 HELLO = b"hello from a published index\n"
 RANDOM_SIZE = 12 << 20
 USER, PASSWORD = "publisher", "pa55:word"
+BAD_PROFILES = ("tampered", "oversized", "malformed")
 
 
 def sha(data: bytes) -> str:
@@ -93,7 +104,8 @@ def images(tmp_path_factory) -> dict[str, PushedImage]:
     big = [Member("data", "dir"), Member("data/random.bin", data=random.Random(11).randbytes(RANDOM_SIZE)),
            Member("etc", "dir"), Member("etc/hello.txt", data=HELLO)]
     specs = {"lazy": [big, _small("app")]}
-    for name in ("doctored", "other", "rmw", "pushidx", "api", "apiempty", "auth"):
+    for name in ("doctored", "other", "rmw", "pushidx", "api", "apiempty", "auth", "profile", "profpush",
+                 *(f"profbad-{case}" for case in BAD_PROFILES)):
         specs[name] = [_small(f"{name}-base"), _small(f"{name}-top")]
     out = {}
     for name, layers in specs.items():
@@ -197,6 +209,29 @@ def our_artifacts(tag_index: dict | None) -> list[dict]:
     return [m for m in (tag_index or {}).get("manifests", []) if m.get("artifactType") == ARTIFACT_TYPE]
 
 
+def hand_publish(base: str, repo: str, image: PushedImage, indexes: list[tuple[str, bytes]],
+                 extra: list[dict] | None = None) -> str:
+    """Publish an artifact for *image* by hand: *indexes* ((layer digest, index bytes), annotated as
+    imagefs does) then the *extra* descriptors, as the only entry of the referrers tag; returns the
+    artifact's digest. Whatever the code under test would refuse to build can be built here."""
+    empty = raw_blob(base, repo, b"{}")
+    layers = []
+    for layer_digest, data in indexes:
+        meta = LayerIndex.meta_length(data[:20])
+        layers.append({"mediaType": INDEX_MEDIA_TYPE, **raw_blob(base, repo, data),
+                       "annotations": {ANN_LAYER: layer_digest, ANN_META_SIZE: str(meta),
+                                       ANN_META_DIGEST: sha(data[:meta])}})
+    artifact = canonical({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
+                          "config": {"mediaType": EMPTY_MEDIA_TYPE, **empty}, "layers": layers + (extra or []),
+                          "subject": {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest)},
+                          "annotations": {ANN_FORMAT: "1"}})
+    raw_put_manifest(base, repo, sha(artifact), artifact, OCI_MANIFEST)
+    tag = canonical({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": sha(artifact), "size": len(artifact), "artifactType": ARTIFACT_TYPE}]})
+    raw_put_manifest(base, repo, f"sha256-{image.digest[7:]}", tag, OCI_INDEX)
+    return sha(artifact)
+
+
 @pytest.fixture
 def new_cli(tmp_path) -> Iterator[Callable[[str], Cli]]:
     """Fresh stores on demand (each its own store and work dir)."""
@@ -253,11 +288,17 @@ def test_fresh_store_pulls_published_indexes_without_the_layers(published, regis
         assert [front.blob_bytes(d) for d in image.layer_digests] == [0, 0]
         assert front.paths(f"/manifests/sha256-{image.digest[7:]}"), "the tag schema was not consulted"
     for digest in image.layer_digests:
-        mine = (cli.store / "indexes" / digest[7:]).read_bytes()
-        assert mine == (published["cli"].store / "indexes" / digest[7:]).read_bytes()
+        # Only the metadata part came over (the windows are range-read when a read needs one).
+        meta = (cli.store / "indexes" / f"{digest[7:]}.meta").read_bytes()
+        whole = (published["cli"].store / "indexes" / digest[7:]).read_bytes()
+        assert len(meta) <= len(whole) and whole.startswith(meta)
+        assert not (cli.store / "indexes" / digest[7:]).exists()
+        remote = json.loads((cli.store / "indexes" / f"{digest[7:]}.remote.json").read_bytes())
+        assert remote["size"] == len(whole) and remote["meta_size"] == len(meta)
     doc = json.loads(cli.run("inspect", "--json", front.ref("pubidx/lazy:1")).stdout)
     assert [(l["indexed"], l["blob_local"]) for l in doc["layers"]] == [(True, False), (True, False)]
     assert not list((cli.store / "tmp").glob("*.partial"))
+    assert not (cli.store / "images" / image.digest[7:] / "profile.json").exists()  # none published
 
 
 @needs_fuse
@@ -285,6 +326,56 @@ def test_mount_from_published_indexes_reads_only_ranges(published, registry, new
         reference.cleanup()
 
 
+@needs_fuse
+def test_windows_are_range_read_checked_and_refetched(published, registry, new_cli, tmp_path):
+    """A pull keeps only the metadata part of each published index; a read then range-reads the
+    one window it restarts from. A window that does not match its digest in the metadata is never
+    used (EIO), and the same read succeeds once the registry serves the right bytes."""
+    image = published["image"]
+    cli = new_cli("windows")
+    mounts = Mounts(cli)
+    corrupt = threading.Event()
+    seen_windows: list[str] = []
+
+    def tamper(seen: Seen) -> Reply | None:
+        remote = cli.store / "indexes" / f"{image.layer_digests[0][7:]}.remote.json"
+        if not remote.exists():
+            return None
+        blob = json.loads(remote.read_bytes())
+        rng = seen.headers.get("range", "")
+        if not seen.path.endswith(f"/blobs/{blob['digest']}") or not rng.startswith("bytes="):
+            return None
+        start, end = (int(x) for x in rng[6:].split("-"))
+        if start < blob["meta_size"]:
+            return None
+        seen_windows.append(rng)
+        whole = (published["cli"].store / "indexes" / image.layer_digests[0][7:]).read_bytes()
+        body = whole[start:end + 1]
+        if corrupt.is_set():
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
+        return Reply(206, {"Content-Type": "application/octet-stream",
+                           "Content-Range": f"bytes {start}-{end}/{len(whole)}"}, body)
+
+    try:
+        with CountingFront(registry.url, tamper) as front:
+            try:
+                mp = mounts.mount(front.ref("pubidx/lazy:1"), tmp_path / "mnt", "--prefetch=none")
+                assert not (cli.store / "indexes" / image.layer_digests[0][7:]).exists()
+                corrupt.set()
+                with pytest.raises(OSError) as e:
+                    (mp / "etc" / "hello.txt").read_bytes()
+                assert e.value.errno == errno.EIO and seen_windows, "a bad window was used"
+                corrupt.clear()
+                assert (mp / "etc" / "hello.txt").read_bytes() == HELLO
+                whole = len((published["cli"].store / "indexes" / image.layer_digests[0][7:]).read_bytes())
+                assert front.blob_bytes(json.loads((cli.store / "indexes" / f"{image.layer_digests[0][7:]}"
+                                                    ".remote.json").read_bytes())["digest"]) < whole
+            finally:
+                mounts.cleanup()
+    finally:
+        mounts.cleanup()
+
+
 # -- 2. what must not be trusted
 
 
@@ -298,22 +389,8 @@ def test_artifact_whose_index_names_another_layer_is_rejected(pushed, registry, 
     builder.run("pull", registry.ref("pubidx/doctored:1"))
     wrong = (builder.store / "indexes" / donor.layer_digests[0][7:]).read_bytes()
     right = (builder.store / "indexes" / victim.layer_digests[1][7:]).read_bytes()
-    repo = "pubidx/doctored"
-    empty = raw_blob(registry.url, repo, b"{}")
-    layers = []
-    for layer_digest, data in ((victim.layer_digests[0], wrong), (victim.layer_digests[1], right)):
-        meta = LayerIndex.meta_length(data[:20])
-        layers.append({"mediaType": INDEX_MEDIA_TYPE, **raw_blob(registry.url, repo, data),
-                       "annotations": {ANN_LAYER: layer_digest, ANN_META_SIZE: str(meta),
-                                       ANN_META_DIGEST: sha(data[:meta])}})
-    artifact = canonical({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
-                          "config": {"mediaType": EMPTY_MEDIA_TYPE, **empty}, "layers": layers,
-                          "subject": {"mediaType": OCI_MANIFEST, "digest": victim.digest, "size": len(victim.manifest)},
-                          "annotations": {ANN_FORMAT: "1"}})
-    raw_put_manifest(registry.url, repo, sha(artifact), artifact, OCI_MANIFEST)
-    tag = canonical({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-        {"mediaType": OCI_MANIFEST, "digest": sha(artifact), "size": len(artifact), "artifactType": ARTIFACT_TYPE}]})
-    raw_put_manifest(registry.url, repo, f"sha256-{victim.digest[7:]}", tag, OCI_INDEX)
+    hand_publish(registry.url, "pubidx/doctored", victim,
+                 [(victim.layer_digests[0], wrong), (victim.layer_digests[1], right)])
 
     cli = new_cli("victim")
     with CountingFront(registry.url) as front:
@@ -456,7 +533,128 @@ def test_push_index_needs_a_registry(busybox_layout, new_cli):
     assert "indexes " in r.stdout and r.stderr == ""
 
 
-# -- 5. auth
+# -- 5. access profiles
+
+
+def _profile_of(cli: Cli, image: PushedImage) -> list[str] | None:
+    return Store(cli.store).read_profile(image.digest[7:])
+
+
+def _record(cli: Cli, image: PushedImage, paths: list[str]) -> None:
+    """A profile in the store, as a mount's recorder writes it."""
+    Store(cli.store).put_profile(image.digest[7:], paths)
+
+
+def test_profile_travels_with_the_indexes_and_the_newest_wins(pushed, registry, new_cli):
+    image, repo = pushed["profile"], "pubidx/profile"
+    ref = registry.ref(f"{repo}:1")
+    first = ["profile-top/run", "profile-base/id"]
+    a = new_cli("a")
+    a.run("index", ref)
+    _record(a, image, first)
+    r = a.run("index", "--push", ref)
+    assert r.stderr == "" and "access profile of 2 file(s)" in r.stdout
+    (entry,) = our_artifacts(referrers_tag(registry.url, repo, image))
+    manifest = raw_get(registry.url, repo, f"manifests/{entry['digest']}", OCI_MANIFEST)
+    assert manifest is not None
+    *indexes, profile = json.loads(manifest)["layers"]
+    assert [d["mediaType"] for d in indexes] == [INDEX_MEDIA_TYPE] * 2
+    document = encode_profile(first)
+    assert profile == {"mediaType": PROFILE_MEDIA_TYPE, "digest": sha(document), "size": len(document),
+                       "annotations": {ANN_PROFILE_FORMAT: "1"}}
+    assert raw_get(registry.url, repo, f"blobs/{profile['digest']}", "*/*") == document
+
+    # A store without a profile publishes the indexes alone: the newest artifact has none, and a
+    # fresh pull takes the profile from the older one that has it.
+    new_cli("b").run("index", "--push", ref)
+    assert len(our_artifacts(referrers_tag(registry.url, repo, image))) == 2
+    c = new_cli("c")
+    with CountingFront(registry.url) as front:
+        r = c.run("pull", front.ref(f"{repo}:1"))
+        assert r.stderr == ""
+        assert [front.blob_bytes(d) for d in image.layer_digests] == [0, 0]
+        assert front.blob_bytes(sha(document)) == len(document)
+    assert _profile_of(c, image) == first
+
+    # A new recording re-publishes (a new artifact, the newest), and pulls take it from then on.
+    second = ["profile-base/run"]
+    _record(a, image, second)
+    a.run("index", "--push", ref)
+    tag = referrers_tag(registry.url, repo, image)
+    assert len(our_artifacts(tag)) == 3
+    a.run("index", "--push", ref)  # again: the same artifact, so nothing changes
+    assert referrers_tag(registry.url, repo, image) == tag
+    later = new_cli("later")
+    later.run("pull", ref)
+    assert _profile_of(later, image) == second
+
+    # A store with a profile of its own keeps it and does not even fetch the published one.
+    e = new_cli("e")
+    _record(e, image, ["mine"])
+    with CountingFront(registry.url) as front:
+        e.run("pull", front.ref(f"{repo}:1"))
+        assert not front.paths(f"/blobs/{sha(encode_profile(second))}")
+        assert [front.blob_bytes(d) for d in image.layer_digests] == [0, 0]
+    assert _profile_of(e, image) == ["mine"]
+
+
+def test_pull_push_index_publishes_a_profile_only_when_none_is(pushed, registry, new_cli):
+    image, repo = pushed["profpush"], "pubidx/profpush"
+    new_cli("first").run("pull", "--push-index", registry.ref(f"{repo}:1"))  # indexes, no profile
+    assert len(our_artifacts(referrers_tag(registry.url, repo, image))) == 1
+    # Every index comes from the registry, but this store's profile does not: published.
+    mine = new_cli("mine")
+    _record(mine, image, ["profpush-top/id"])
+    assert mine.run("pull", "--push-index", registry.ref(f"{repo}:1")).stderr == ""
+    assert len(our_artifacts(referrers_tag(registry.url, repo, image))) == 2
+    # A profile is published now: another store's own one does not replace it as a side effect.
+    theirs = new_cli("theirs")
+    _record(theirs, image, ["profpush-base/id"])
+    with CountingFront(registry.url) as front:  # GETs only: were this pull to push, it would fail
+        r = theirs.run("pull", "--push-index", front.ref(f"{repo}:1"))
+        assert r.stderr == ""
+        assert [front.blob_bytes(d) for d in image.layer_digests] == [0, 0]
+    assert len(our_artifacts(referrers_tag(registry.url, repo, image))) == 2
+    assert _profile_of(theirs, image) == ["profpush-base/id"]
+
+
+@pytest.mark.parametrize("case", BAD_PROFILES)
+def test_a_bad_published_profile_is_one_warning_and_the_indexes_are_used(case, pushed, registry, new_cli):
+    image, repo = pushed[f"profbad-{case}"], f"pubidx/profbad-{case}"
+    builder = new_cli("builder")
+    builder.run("index", registry.ref(f"{repo}:1"))
+    indexes = [(d, (builder.store / "indexes" / d[7:]).read_bytes()) for d in image.layer_digests]
+    blob = {"tampered": encode_profile([f"profbad-{case}-top/id"]),
+            "oversized": encode_profile(["x" * 1000] * 4300),  # a good profile, but over 4 MiB
+            "malformed": b'{"format":1,"paths":["/etc/shadow","../x"]}'}[case]
+    assert (len(blob) > MAX_PROFILE_BYTES) == (case == "oversized")
+    descriptor = {"mediaType": PROFILE_MEDIA_TYPE, **raw_blob(registry.url, repo, blob),
+                  "annotations": {ANN_PROFILE_FORMAT: "1"}}
+    hand_publish(registry.url, repo, image, indexes, [descriptor])
+
+    def tamper(seen: Seen) -> Reply | None:
+        if case == "tampered" and seen.path.endswith(f"/blobs/{descriptor['digest']}"):
+            return Reply(200, {"Content-Type": "application/octet-stream"}, blob.replace(b"/id", b"/ix"))
+        return None
+
+    cli = new_cli("consumer")
+    with CountingFront(registry.url, tamper) as front:
+        r = cli.run("pull", front.ref(f"{repo}:1"))
+        assert [front.blob_bytes(d) for d in image.layer_digests] == [0, 0], "the indexes were not used"
+        fetched = front.blob_bytes(descriptor["digest"])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert f"published profile {descriptor['digest']}" in lines[0] and "ignored" in lines[0]
+    why = {"tampered": "digest mismatch", "oversized": f"more than the {MAX_PROFILE_BYTES}",
+           "malformed": "normal relative paths"}[case]
+    assert why in lines[0], lines[0]
+    assert fetched == (0 if case == "oversized" else len(blob))  # an oversized one is not fetched at all
+    assert _profile_of(cli, image) is None
+    metas = [(cli.store / "indexes" / f"{d[7:]}.meta").read_bytes() for d, _ in indexes]
+    assert all(meta and data.startswith(meta) for meta, (_, data) in zip(metas, indexes))
+
+
+# -- 6. auth
 
 
 @pytest.fixture(scope="module", params=["basic", "token"])
@@ -516,7 +714,7 @@ def test_push_without_push_access_is_one_line(auth_registry, new_cli, tmp_path):
     assert lines[0].startswith(f"imagefs: {reg.host}/priv/auth: push refused")
 
 
-# -- 6. the artifact logic on its own (no registry)
+# -- 7. the artifact logic on its own (no registry)
 
 
 def _layer(members: list[Member]) -> tuple[Layer, bytes]:
@@ -532,7 +730,7 @@ def test_artifact_round_trip_and_what_parse_refuses():
     subject = Descriptor(OCI_MANIFEST, sha(b"subject"), 7)
     artifact = build_artifact(subject, [blob])
     assert artifact == build_artifact(subject, [blob])  # deterministic
-    (ref,) = parse_artifact(artifact, subject.digest, "a")
+    (ref,) = parse_artifact(artifact, subject.digest, "a").indexes
     assert ref == blob.ref and verify_index(data, ref, layer).digest == layer.digest
     doc = json.loads(artifact)
     cases = {"subject": ({**doc, "subject": {**doc["subject"], "digest": sha(b"x")}}, "refers to"),
@@ -573,3 +771,63 @@ def test_referrers_tag_index_merge():
     assert fallback_tag(mine.digest) == f"sha256-{mine.digest[7:]}"
     with pytest.raises(InputError, match="not a referrers index"):
         parse_referrers(canonical({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "manifests": []}), "t")
+
+
+def test_artifact_with_a_profile_round_trip_and_what_parse_ignores():
+    layer, data = _layer(_small("unitprofile"))
+    blob = index_blob(layer.digest, data)
+    subject = Descriptor(OCI_MANIFEST, sha(b"subject"), 7)
+    paths = ["unitprofile/run", "unitprofile/id"]
+    profile = profile_blob(paths)
+    artifact = build_artifact(subject, [blob], profile)
+    assert artifact == build_artifact(subject, [blob], profile_blob(list(paths)))  # deterministic
+    assert artifact != build_artifact(subject, [blob])
+    parsed = parse_artifact(artifact, subject.digest, "a")
+    assert (parsed.indexes, parsed.profile, parsed.profile_error) == ([blob.ref], profile.ref, None)
+    assert verify_profile(profile.data, profile.ref) == paths
+    doc = json.loads(artifact)
+    index_desc, profile_desc = doc["layers"]
+    assert profile_desc == {"mediaType": PROFILE_MEDIA_TYPE, "digest": profile.ref.digest,
+                            "size": profile.ref.size, "annotations": {ANN_PROFILE_FORMAT: "1"}}
+    newer = {**doc, "layers": [index_desc, {**profile_desc, "annotations": {ANN_PROFILE_FORMAT: "2"}}]}
+    assert parse_artifact(canonical(newer), subject.digest, "newer") == parse_artifact(
+        build_artifact(subject, [blob]), subject.digest, "none")  # a format it does not read: none
+    broken = {**doc, "layers": [index_desc, {**profile_desc, "digest": "sha256:nope"}]}
+    parsed = parse_artifact(canonical(broken), subject.digest, "broken")
+    assert parsed.indexes == [blob.ref] and parsed.profile is None  # the indexes are not spoilt
+    assert parsed.profile_error is not None and "not a sha256 digest" in parsed.profile_error
+    with pytest.raises(InputError, match="digest mismatch"):
+        verify_profile(profile.data.replace(b"/run", b"/rum"), profile.ref)
+    with pytest.raises(InputError, match="descriptor says"):
+        verify_profile(profile.data + b" ", profile.ref)
+    with pytest.raises(InputError, match="normal relative paths"):
+        bad = b'{"format":1,"paths":["a//b"]}'
+        verify_profile(bad, PublishedProfile(sha(bad), len(bad)))
+
+
+def test_profile_documents_and_the_store(tmp_path):
+    paths = ["usr/bin/python3", "etc/ld.so.cache", os.fsdecode(b"odd/\xff")]
+    data = encode_profile(paths)
+    assert data == canonical({"format": 1, "paths": paths}) and parse_profile(data, "p") == paths
+    refused = {b"[": "bad JSON", b'["a"]': "format 1", b'{"format":true,"paths":[]}': "format 1",
+               b'{"format":2,"paths":[]}': "format 1", b'{"format":1,"paths":"a"}': "normal relative",
+               b'{"format":1,"paths":[1]}': "normal relative", b'{"format":1,"paths":["/a"]}': "normal relative",
+               b'{"format":1,"paths":["a/../b"]}': "normal relative", b'{"format":1,"paths":[""]}': "normal relative",
+               b'{"format":1,"paths":["a\\u0000"]}': "normal relative",
+               b"[" * 100_000: "nested too deeply", b" " * (MAX_PROFILE_BYTES + 1): "more than"}
+    for bad, needle in refused.items():
+        with pytest.raises(InputError, match=needle):
+            parse_profile(bad, "p")
+
+    store, image_id = Store(tmp_path / "store"), "ab" * 32
+    assert store.read_profile(image_id) is None and not store.has_profile(image_id)
+    store.put_profile(image_id, ["a", "/abs", "b/../c", "d"])  # what could not be read back is left out
+    assert store.read_profile(image_id) == ["a", "d"]
+    long = [f"{n:05d}/" + "x" * 1000 for n in range(5000)]  # ~5 MB: only the head fits
+    store.put_profile(image_id, long)
+    kept = store.read_profile(image_id)
+    assert kept is not None and 4000 < len(kept) < 5000 and kept == long[:len(kept)]
+    assert store.profile_path(image_id).stat().st_size <= MAX_PROFILE_BYTES
+    store.profile_path(image_id).write_bytes(b"junk")
+    with pytest.raises(InputError, match="bad JSON"):
+        store.read_profile(image_id)

@@ -130,6 +130,7 @@ class ImageOperations(pyfuse3.Operations):
         node = self.tree.node(Inode(inode))
         if stat.S_ISDIR(node.st_mode):
             raise pyfuse3.FUSEError(errno.EISDIR)
+        self.view.opened(Inode(inode))
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_errors
