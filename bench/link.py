@@ -91,9 +91,10 @@ class _Link:
         assert self.proxy is not None
         return self.proxy.counters()
 
-    def push(self, layout: Path, tag: str) -> None:
+    def push(self, layout: Path, tag: str, repo: str | None = None) -> None:
+        """Push the layout's *tag* as bench/<repo, default the tag>:latest."""
         subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
-                        f"oci:{layout}:{tag}", f"docker://{self.registry_host}/bench/{tag}:latest"],
+                        f"oci:{layout}:{tag}", f"docker://{self.registry_host}/bench/{repo or tag}:latest"],
                        check=True, capture_output=True, timeout=1800)
 
     def push_blob(self, repo: str, data: bytes) -> str:
