@@ -116,11 +116,19 @@ def add_referrer(existing: bytes | None, referrer: Referrer, what: str) -> bytes
 def find_referrers(source: RegistrySource, subject: str, artifact_type: str) -> tuple[list[Referrer], str]:
     """The referrers of *subject* with *artifact_type*, and how they were found ("referrers API"
     or "tag sha256-..."). Raises ImagefsErrors only for failures of the fallback tag's GET."""
+    from concurrent.futures import ThreadPoolExecutor
+
     check_digest(subject, "referrers subject")
-    found = _from_api(source, subject, artifact_type)
-    how = "referrers API"
-    if found is None:
-        found, how = _from_tag(source, subject), f"tag {fallback_tag(subject)}"
+    # Both asked at once: a registry without the API (distribution 2.8, the common case today)
+    # would otherwise cost a round trip for its 404 before the tag is even asked for.
+    with ThreadPoolExecutor(1, thread_name_prefix="imagefs-referrers") as pool:
+        by_tag = pool.submit(_from_tag, source, subject)
+        found = _from_api(source, subject, artifact_type)
+        how = "referrers API"
+        if found is None:
+            found, how = by_tag.result(), f"tag {fallback_tag(subject)}"
+        else:
+            by_tag.exception()  # not wanted: whatever it says (even a failure) is dropped
     return [r for r in found if r.artifact_type == artifact_type], how
 
 
