@@ -1,6 +1,7 @@
 """The containerizer: the Mesos lifecycle (launch, wait, destroy, usage, update, recover) on trio.
 
-    launch   checkpoint → provision the rootfs → isolators prepare → spawn init (blocked)
+    launch   checkpoint → spawn init (blocked; its start-up overlaps what follows) → pull
+             → provision the rootfs → isolators prepare → the init's config
              → isolators isolate (cgroups) → "go" → the task runs
     wait     until the init exits or an isolator reports a limitation (which kills it); then
              destroy, and the Termination says how it ended and why
@@ -19,6 +20,7 @@ destroy of one container happen once even when several processes race to do it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -26,15 +28,15 @@ import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
 import trio
 
 from imagefs.errors import ImagefsError, InputError, NotFound, RuntimeFailure
 from launcher.isolation import IsolatorFactory, isolation_for
 from launcher.isolators.base import Isolator, LaunchInfo, Limitation
-from launcher.launch import ExitStatus, InitProcess, init_config, read_status, spawn_init, wait_pid
+from launcher.launch import ExitStatus, InitProcess, init_config, read_status, start_init, wait_pid
+from launcher.linux import procfs
 from launcher.provisioner import Provisioner
 from launcher.spec import SANDBOX_PATH, ContainerConfig, Resources, TaskSpec
 from launcher.state import (DESTROYING, PREPARING, RUNNING, TERMINATED, ContainerDirs,
@@ -43,6 +45,13 @@ from launcher.users import resolve_user
 from stores.fsutil import locked
 from stores.pull import SourceOptions, find_or_pull
 from stores.store import ImageRecord, Store
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    import psutil   # only `usage` needs it: imported there, off the launch path
+
+    from imagefs.fuse.daemon import Standby
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +75,12 @@ class Termination:
 
 @dataclass
 class _Live:
-    """A container this process launched: its init handle and isolator objects."""
+    """A container this process launched: its init handle and isolator objects (None until they
+    are all prepared: a failed launch makes them again from state.json to clean up)."""
 
     state: ContainerState
     init: InitProcess
-    isolators: list[Isolator]
+    isolators: list[Isolator] | None
     limitation: Limitation | None = None
     killed: bool = False
 
@@ -116,20 +126,25 @@ def compose_env(spec: TaskSpec, record: ImageRecord) -> dict[str, str]:
 class Containerizer:
     def __init__(self, store: Store, work_dir: str | os.PathLike[str], *,
                  source_options: SourceOptions | None = None, source_flags: list[str] | None = None,
-                 cgroup_root: str | None = None, disk_interval: float = 15.0) -> None:
+                 cgroup_root: str | None = None, disk_interval: float = 15.0,
+                 mount_standby: Standby | None = None) -> None:
+        """*mount_standby*: a mount server started ahead (imagefs/fuse/daemon.py) for the first
+        launch's image, if its mount is not up by then; dismissed after that launch's provision."""
         self.store = store
         self.work_dir = Path(work_dir)
         self.dirs = ContainerDirs(work_dir)
         self.source_options = source_options or SourceOptions()
         self.provisioner = Provisioner(store, self.work_dir, source_flags=list(source_flags or []),
-                                       source_options=self.source_options)
+                                       source_options=self.source_options, mount_standby=mount_standby)
         self.factory = IsolatorFactory(cgroup_root, disk_interval)
         self._live: dict[str, _Live] = {}
 
     # -- launch ------------------------------------------------------------------------------
-    async def launch(self, spec: TaskSpec) -> str:
+    async def launch(self, spec: TaskSpec, *, image: Future[ImageRecord] | None = None) -> str:
         """Start a container for *spec*; returns its id once the task runs. On failure everything
-        made so far is destroyed and LaunchFailed (or the ImagefsError at fault) is raised."""
+        made so far is destroyed and LaunchFailed (or the ImagefsError at fault) is raised.
+        *image*: find_or_pull of spec.image, started by the caller ahead of time (`imagefs run`
+        does, before its own imports); its failure fails the launch as a pull here would."""
         container_id = check_container_id(spec.name) if spec.name else secrets.token_hex(6)
         directory = self.dirs.dir(container_id)
         try:
@@ -140,7 +155,7 @@ class Containerizer:
         state = ContainerState(container_id, spec)
         self.dirs.save(state)
         try:
-            return await self._launch(state)
+            return await self._launch(state, image)
         except BaseException as e:
             message = e.line() if isinstance(e, ImagefsError) else f"{type(e).__name__}: {e}"
             code = e.exit_code if isinstance(e, LaunchFailed) else EXIT_LAUNCH_FAILED
@@ -149,12 +164,27 @@ class Containerizer:
                 if live is not None:
                     await live.init.aclose()
                 await self._destroy(state, Termination(code, None, REASON_LAUNCH_FAILED, message),
-                                    live.isolators if live else None)
+                                    live.isolators if live is not None else None)
             raise
 
-    async def _launch(self, state: ContainerState) -> str:
+    async def _launch(self, state: ContainerState, image: Future[ImageRecord] | None) -> str:
         spec = state.spec
-        record = await trio.to_thread.run_sync(find_or_pull, self.store, spec.image, self.source_options)
+        directory = self.dirs.dir(state.id)
+        # The init first: its start-up (a Python interpreter, tens of ms) then overlaps the pull
+        # and the mount. It waits for its config and "go"; until then it runs nothing, and a
+        # failed launch (or destroy, or recover) kills it like any init. Its pid is checkpointed
+        # with the image below: an init whose launcher died before that exits by itself (EOF on
+        # its sync pipe, before it did anything).
+        init = await start_init(directory, log_dir=self.dirs.sandbox(state.id))
+        live = _Live(state, init, None)
+        self._live[state.id] = live
+        state.pid = init.pid
+        state.pid_start = _start_time(init.pid)
+
+        if image is not None:
+            record = await trio.to_thread.run_sync(image.result)
+        else:
+            record = await trio.to_thread.run_sync(find_or_pull, self.store, spec.image, self.source_options)
         state.image_id = record.id
         state.isolation = isolation_for(spec)
         self.dirs.save(state)
@@ -172,6 +202,7 @@ class Containerizer:
         isolators = self.factory.make_all(state.isolation, state.id, state.isolators)
         infos: list[LaunchInfo | None] = []
         for isolator in isolators:
+            before = json.dumps(isolator.state, sort_keys=True)
             try:
                 infos.append(isolator.prepare(config))
             except ImagefsError:
@@ -179,15 +210,13 @@ class Containerizer:
             except (ValueError, OSError) as e:
                 raise LaunchFailed(isolator.name, str(e)) from None
             finally:
-                self.dirs.save(state)  # isolators record what they made in their state
+                # Isolators record what they made in their state. Most make nothing (namespaces,
+                # the rootfs): a checkpoint of what is already on disk would only cost an fsync.
+                if json.dumps(isolator.state, sort_keys=True) != before:
+                    self.dirs.save(state)
+        live.isolators = isolators
 
-        directory = self.dirs.dir(state.id)
-        init = await spawn_init(init_config(config, infos, status_path=directory / "status.json"), directory)
-        live = _Live(state, init, isolators)
-        self._live[state.id] = live
-        state.pid = init.pid
-        state.pid_start = _start_time(init.pid)
-        self.dirs.save(state)  # still PREPARING: an init that never gets "go" is not a container
+        init.configure(init_config(config, infos, status_path=directory / "status.json"))
         for isolator in isolators:
             isolator.isolate(init.pid)
         await init.go()
@@ -202,8 +231,10 @@ class Containerizer:
         state = live.state if live else self.dirs.load(container_id)
         if state.status == TERMINATED:
             return Termination(**state.termination) if state.termination else Termination(None)
-        isolators = live.isolators if live else self.factory.make_all(state.isolation, state.id, state.isolators)
-        if not live:
+        if live is not None and live.isolators is not None:
+            isolators = live.isolators
+        else:
+            isolators = self.factory.make_all(state.isolation, state.id, state.isolators)
             for isolator in isolators:
                 isolator.recover()
         limitation: list[Limitation] = []
@@ -285,8 +316,7 @@ class Containerizer:
                 # Only the monitor we started: the container's init dies with it.
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(state.pid, signal.SIGKILL)
-                with contextlib.suppress(psutil.Error):
-                    psutil.Process(state.pid).wait(30)
+                procfs.wait_gone(state.pid, state.pid_start, 30)
             if isolators is None:
                 isolators = self.factory.make_all(state.isolation, state.id, state.isolators)
                 for isolator in isolators:
@@ -342,6 +372,8 @@ class Containerizer:
                 stats.update(isolator.usage())
         if state.status == RUNNING and state.pid and _same_process(state.pid, state.pid_start):
             # psutil where cgroups say nothing (an isolation without cgroups/mem, say)
+            import psutil
+
             procs = [psutil.Process(state.pid)]
             with contextlib.suppress(psutil.Error):
                 procs += procs[0].children(recursive=True)
@@ -427,21 +459,19 @@ class Containerizer:
 
 def _start_time(pid: int) -> float | None:
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        return procfs.start_time(pid)
+    except OSError:
         return None
 
 
 def _same_process(pid: int, start: float | None) -> bool:
     """Is *pid* still the process we recorded? Pids are reused: the start time must match too."""
-    try:
-        p = psutil.Process(pid)
-        return start is not None and abs(p.create_time() - start) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return procfs.is_running(pid, start)
 
 
 def _rss(p: psutil.Process) -> int:
+    import psutil
+
     try:
         return p.memory_info().rss
     except psutil.Error:

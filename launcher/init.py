@@ -1,4 +1,4 @@
-"""The container init: `python -m launcher.init CONFIG.json --sync-fd N`, started by launcher/launch.py.
+"""The container init: `python -S -P -m launcher.init CONFIG.json --sync-fd N`, started by launcher/launch.py.
 
 Three processes, after Mesos' `mesos-containerizer launch` and tini:
 
@@ -9,6 +9,8 @@ Three processes, after Mesos' `mesos-containerizer launch` and tini:
 
 1. The monitor reads "go" from the sync fd: the launcher first moves it into the container's
    cgroups (isolate before exec), so everything forked after inherits them. EOF means abort (125).
+   Only then does it read its config: the launcher may start it before the config exists (Python's
+   start-up then overlaps the image's pull and mount) and writes the config before saying "go".
 2. It unshares only the pid namespace (which applies to its children), so it stays in the host's
    mount namespace and can write the status file by path at the end: the container never holds an
    fd to anything on the host beyond its stdio (an open host directory in PID 1 would be reachable
@@ -48,21 +50,26 @@ between a signal and a fork: a signal that arrives early waits, pending, until t
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
 import select
 import signal
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
 
+from launcher.linux import netdev
 from launcher.linux import rootfs as fs
 from launcher.linux import syscalls as sc
-from launcher.spec import SANDBOX_PATH
 
+# Every container start pays for this module's imports (the launcher starts it with `python -S`:
+# no site-packages either), so it imports only the standard library's cheap modules and
+# launcher/linux: no argparse, dataclasses or typing, whose imports cost more than the rest.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+SANDBOX_PATH = "/mnt/mesos/sandbox"   # launcher.spec.SANDBOX_PATH (spec imports dataclasses)
 GO = b"go"
 EXIT_LAUNCH_FAILED = 125
 EXIT_NOT_EXECUTABLE = 126
@@ -81,39 +88,54 @@ class LaunchError(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
 class Mount:
-    source: str
-    target: str
-    type: str = "bind"
-    read_only: bool = False
-    is_dir: bool | None = None      # bind of a directory or of a file; None: look at the source
-    flags: int = 0
-    data: str | None = None
+    """One mount of the config's "mounts"."""
+
+    __slots__ = ("source", "target", "type", "read_only", "is_dir", "flags", "data")
+
+    def __init__(self, source: str, target: str, type: str = "bind", read_only: bool = False,
+                 is_dir: bool | None = None, flags: int = 0, data: str | None = None) -> None:
+        self.source = source
+        self.target = target
+        self.type = type
+        self.read_only = read_only
+        self.is_dir = is_dir      # bind of a directory or of a file; None: look at the source
+        self.flags = flags
+        self.data = data
 
 
-@dataclass(frozen=True)
 class InitConfig:
-    argv: list[str]
-    status_path: str
-    env: dict[str, str] = field(default_factory=dict)
-    rootfs: str | None = None
-    sandbox: str | None = None
-    workdir: str = "/"
-    uid: int = 0
-    gid: int = 0
-    groups: list[int] = field(default_factory=list)
-    hostname: str | None = None
-    namespaces: list[str] = field(default_factory=list)
-    loopback_up: bool = False
-    mounts: list[Mount] = field(default_factory=list)
-    sync_fd: int | None = None
-    container_id: str | None = None
+    """The config (see the module docstring); `from_dict` builds and validates one."""
+
+    FIELDS = ("argv", "status_path", "env", "rootfs", "sandbox", "workdir", "uid", "gid", "groups",
+              "hostname", "namespaces", "loopback_up", "mounts", "sync_fd", "container_id")
+    __slots__ = FIELDS
+
+    def __init__(self, argv: list[str], status_path: str, env: dict[str, str] | None = None,
+                 rootfs: str | None = None, sandbox: str | None = None, workdir: str = "/", uid: int = 0,
+                 gid: int = 0, groups: list[int] | None = None, hostname: str | None = None,
+                 namespaces: list[str] | None = None, loopback_up: bool = False,
+                 mounts: list[Mount] | None = None, sync_fd: int | None = None,
+                 container_id: str | None = None) -> None:
+        self.argv = argv
+        self.status_path = status_path
+        self.env = {} if env is None else env
+        self.rootfs = rootfs
+        self.sandbox = sandbox
+        self.workdir = workdir
+        self.uid = uid
+        self.gid = gid
+        self.groups = [] if groups is None else groups
+        self.hostname = hostname
+        self.namespaces = [] if namespaces is None else namespaces
+        self.loopback_up = loopback_up
+        self.mounts = [] if mounts is None else mounts
+        self.sync_fd = sync_fd
+        self.container_id = container_id
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> InitConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(doc) - known
+        unknown = set(doc) - set(cls.FIELDS)
         if unknown:
             raise LaunchError(f"config: unknown keys {sorted(unknown)}")
         doc = dict(doc)
@@ -277,18 +299,12 @@ def _start_task(cfg: InitConfig) -> tuple[int, str | None]:
 # ---- the container init (child, PID 1) ----------------------------------------------------------
 
 def _bring_up_loopback() -> None:
-    from pyroute2 import IPRoute   # imported here: only the container init needs it
-
     try:
-        with IPRoute() as ipr:
-            index = ipr.link_lookup(ifname="lo")
-            if not index:
-                raise LaunchError("bring up lo: no loopback device in the new namespace")
-            ipr.link("set", index=index[0], state="up")
-    except LaunchError:
-        raise
-    except Exception as e:   # pyroute2's NetlinkError is not an OSError
-        raise LaunchError(f"bring up lo: {e}") from e
+        netdev.link_up("lo")
+    except OSError as e:
+        if e.errno == errno.ENODEV:
+            raise LaunchError("bring up lo: no loopback device in the new namespace") from e
+        raise LaunchError(f"bring up lo: {e.strerror or e}") from e
 
 
 def _step(what: str, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
@@ -439,24 +455,67 @@ def run_monitor(cfg: InitConfig) -> int:
     return report["exit_code"] if report["exit_code"] is not None else EXIT_LAUNCH_FAILED
 
 
+def _parse_args(argv: list[str]) -> tuple[str, int | None]:
+    """`CONFIG [--sync-fd N]`, the launcher's fixed command line, parsed by hand (see the imports)."""
+    config: str | None = None
+    sync_fd: int | None = None
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--sync-fd" and rest:
+            sync_fd = int(rest.pop(0))
+        elif arg.startswith("--sync-fd="):
+            sync_fd = int(arg.partition("=")[2])
+        elif config is None and not arg.startswith("-"):
+            config = arg
+        else:
+            raise ValueError(f"unexpected argument {arg!r}")
+    if config is None:
+        raise ValueError("the config file is missing")
+    return config, sync_fd
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict):
+        raise LaunchError("config: not a JSON object")
+    return doc
+
+
+def _status_path_of(path: str) -> str | None:
+    """The config's status_path, for reporting a failure that came before (or while) reading it."""
+    try:
+        value = _read_config(path).get("status_path")
+    except (LaunchError, OSError, ValueError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
-    parser = argparse.ArgumentParser(prog="launcher.init", description="imagefs container init")
-    parser.add_argument("config")
-    parser.add_argument("--sync-fd", type=int, default=None)
-    args = parser.parse_args(argv)
+    try:
+        config_path, sync_fd = _parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        _say(f"usage: launcher.init CONFIG [--sync-fd N]: {e}")
+        os._exit(2)
     status_path: str | None = None
     try:
-        with open(args.config, encoding="utf-8") as f:
-            doc = json.load(f)
-        status_path = doc.get("status_path") if isinstance(doc, dict) else None
-        if args.sync_fd is not None:
-            doc["sync_fd"] = args.sync_fd
+        if sync_fd is not None:
+            # "go" first, the config after: the launcher may start the init before the config
+            # exists, so that Python's start-up overlaps pulling and mounting the image. It
+            # writes the config before it says "go".
+            _wait_for_go(sync_fd)
+        doc = _read_config(config_path)
+        status_path = doc.get("status_path")
+        if sync_fd is None and doc.get("sync_fd") is not None:
+            _wait_for_go(doc["sync_fd"])   # a config that names its own sync fd
+        doc.pop("sync_fd", None)
         cfg = InitConfig.from_dict(doc)
-        _wait_for_go(cfg.sync_fd)
         code = run_monitor(cfg)
     except (LaunchError, OSError, ValueError, TypeError) as e:
         message = str(e) if isinstance(e, LaunchError) else f"{type(e).__name__}: {e}"
         _say(message)
+        status_path = status_path if isinstance(status_path, str) else _status_path_of(config_path)
         if status_path:
             try:
                 write_status(status_path, _report(EXIT_LAUNCH_FAILED, None, message))

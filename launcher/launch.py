@@ -1,11 +1,16 @@
 """The launcher's side of the container init (launcher/init.py): build its config, start it, let it
 go, wait for it, and wait again for one started by an earlier launcher process (recover).
 
-    config = init_config(container_config, launch_infos, status_path=container_dir / "status.json")
-    init = await spawn_init(config, container_dir)    # init is blocked, waiting for "go"
+    init = await start_init(container_dir, log_dir=sandbox)   # Python starts; blocked on "go"
+    ...                                              # meanwhile: pull, mount, isolators prepare
+    init.configure(init_config(container_config, launch_infos, status_path=container_dir / "status.json"))
     for isolator in isolators: isolator.isolate(init.pid)   # e.g. move it into cgroups
     await init.go()
     status = await init.wait()                       # ExitStatus(exit_code, signal, error)
+
+(`spawn_init(config, container_dir)` is start_init and configure in one.) The init is started before
+its config exists because its start-up (a Python interpreter and its imports, tens of ms) is on the
+critical path of every launch otherwise; it reads the config only after "go".
 
 The init's stdout and stderr (and so the task's) go to `stdout` and `stderr` in the sandbox, as
 Mesos does; `status.json` in the container directory, outside the sandbox, where the task cannot
@@ -103,11 +108,10 @@ def read_status(status_path: str | os.PathLike[str], returncode: int | None) -> 
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    # No fsync: the init reads the file once, right away, and nothing reads it after a crash.
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -118,14 +122,29 @@ def _open_log(directory: Path, name: str) -> int:
 
 
 class InitProcess:
-    """A spawned init: blocked until `go()`; `wait()` gives its ExitStatus (and reaps it)."""
+    """A spawned init: blocked until `go()` (after `configure()`); `wait()` gives its ExitStatus
+    (and reaps it)."""
 
-    def __init__(self, process: trio.Process, sync_fd: int | None, status_path: Path) -> None:
+    def __init__(self, process: trio.Process, sync_fd: int | None, status_path: Path,
+                 config_path: Path | None = None) -> None:
         self._process = process
         self._sync_fd = sync_fd
         self.status_path = status_path
+        self.config_path = config_path
         self.pid = process.pid
         self._status: ExitStatus | None = None
+        self._configured = False
+
+    def configure(self, config: dict[str, Any]) -> None:
+        """Write the init's config (before `go()`). `status_path` defaults to the container
+        directory's status.json; a stale status file is removed."""
+        if self._sync_fd is None or self.config_path is None:
+            raise RuntimeError("configure() after go() or abort()")
+        config = dict(config)
+        self.status_path = Path(config.setdefault("status_path", str(self.status_path)))
+        self.status_path.unlink(missing_ok=True)
+        _write_atomic(self.config_path, json.dumps(config, indent=1).encode())
+        self._configured = True
 
     def _close_sync(self) -> None:
         if self._sync_fd is not None:
@@ -136,6 +155,8 @@ class InitProcess:
         """Let the init proceed (after it was put into its cgroups)."""
         if self._sync_fd is None:
             raise RuntimeError("go() called twice or after abort()")
+        if not self._configured:
+            raise RuntimeError("go() before configure()")
         try:
             os.write(self._sync_fd, GO)   # two bytes into an empty pipe: never blocks
         except BrokenPipeError:
@@ -169,26 +190,30 @@ class InitProcess:
             await self._process.wait()
 
 
-async def spawn_init(config: dict[str, Any], container_dir: Path) -> InitProcess:
-    """Write the config to container_dir/init.json and start the init on it, blocked on its sync
-    fd. `status_path` defaults to container_dir/status.json; a stale status file is removed."""
+async def start_init(container_dir: Path, *, log_dir: Path | None = None) -> InitProcess:
+    """Start the init for *container_dir*, blocked on its sync fd until `configure()` and `go()`.
+    Its stdout and stderr are appended to `stdout` and `stderr` in *log_dir* (the sandbox; by
+    default the container directory)."""
     container_dir = Path(container_dir)
-    config = dict(config)
-    status_path = Path(config.setdefault("status_path", str(container_dir / STATUS_NAME)))
-    status_path.unlink(missing_ok=True)
     config_path = container_dir / CONFIG_NAME
-    _write_atomic(config_path, json.dumps(config, indent=1).encode())
-    log_dir = Path(config["sandbox"]) if config.get("sandbox") else container_dir
+    status_path = container_dir / STATUS_NAME
+    # Stale files of an earlier init in this directory: an abort before configure() must not find
+    # that one's config (it would write a status there).
+    config_path.unlink(missing_ok=True)
+    status_path.unlink(missing_ok=True)
+    log_dir = Path(log_dir) if log_dir is not None else container_dir
     out_fd = _open_log(log_dir, "stdout")
     err_fd = _open_log(log_dir, "stderr")
     sync_r, sync_w = os.pipe()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     try:
-        # -P: never put the cwd on sys.path; start_new_session: the container outlives a launcher
-        # killed from its terminal, and is found again by recover (wait_pid).
+        # -S: no site (the init needs only the standard library and this package, on PYTHONPATH;
+        # site and the venv's .pth files cost ~10 ms). -P: never put the cwd on sys.path.
+        # start_new_session: the container outlives a launcher killed from its terminal, and is
+        # found again by recover (wait_pid).
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-P", "-m", "launcher.init", str(config_path), "--sync-fd", str(sync_r)],
+            [sys.executable, "-S", "-P", "-m", "launcher.init", str(config_path), "--sync-fd", str(sync_r)],
             stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd, pass_fds=(sync_r,),
             start_new_session=True, cwd=str(container_dir), env=env)
     except BaseException:
@@ -198,7 +223,21 @@ async def spawn_init(config: dict[str, Any], container_dir: Path) -> InitProcess
         os.close(sync_r)
         os.close(out_fd)
         os.close(err_fd)
-    return InitProcess(process, sync_w, status_path)
+    return InitProcess(process, sync_w, status_path, config_path)
+
+
+async def spawn_init(config: dict[str, Any], container_dir: Path) -> InitProcess:
+    """Start an init on *config* (written to container_dir/init.json), blocked on its sync fd until
+    `go()`. Its output goes to the config's sandbox, else to the container directory."""
+    init = await start_init(container_dir, log_dir=Path(config["sandbox"]) if config.get("sandbox") else None)
+    try:
+        init.configure(config)
+    except BaseException:
+        init.abort()
+        with trio.CancelScope(shield=True):
+            await init.aclose()
+        raise
+    return init
 
 
 async def wait_pid(pid: int) -> None:

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagefs.errors import ImagefsError, InputError, RuntimeFailure
 from launcher import backends
@@ -44,6 +44,9 @@ from launcher.backends import ROOTFS
 from stores.fsutil import atomic_write
 from stores.pull import SourceOptions
 from stores.store import ImageRecord, Store
+
+if TYPE_CHECKING:
+    from imagefs.fuse.daemon import Standby
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +93,13 @@ def _prune(d: Path, *, stop: Path) -> None:
 
 class Provisioner:
     def __init__(self, store: Store, work_dir: str | os.PathLike[str], *, source_flags: Sequence[str] = (),
-                 source_options: SourceOptions | None = None) -> None:
+                 source_options: SourceOptions | None = None, mount_standby: Standby | None = None) -> None:
+        """*mount_standby*: a mount server started ahead (imagefs/fuse/daemon.py), for the next
+        `provision` only (dismissed after it, used or not)."""
         # Resolved paths: mount points are compared with the kernel's (canonical) ones.
         self.work_dir = Path(os.path.realpath(work_dir))
-        ctx = backends.Context(Store(os.path.realpath(store.root)), self.work_dir, tuple(source_flags),
-                               source_options or SourceOptions())
+        self._ctx = ctx = backends.Context(Store(os.path.realpath(store.root)), self.work_dir, tuple(source_flags),
+                                           source_options or SourceOptions(), mount_standby)
         self._backends = {name: backends.backend_class(name)(ctx) for name in backends.NAMES}
 
     def _backend(self, name: str) -> backends.Backend:
@@ -120,7 +125,11 @@ class Provisioner:
         try:
             rootfs_dir.mkdir(parents=True)
             atomic_write(rootfs_dir / MARKER, json.dumps(marker).encode())
-            extra = b.provision(container_id, record, rootfs_dir)
+            try:
+                extra = b.provision(container_id, record, rootfs_dir)
+            finally:
+                if self._ctx.mount_standby is not None:
+                    self._ctx.mount_standby.dismiss()   # used by now, or not needed
         except BaseException as e:
             try:
                 self._destroy_rootfs(b, container_id, rootfs_dir, marker)

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import trio
 
@@ -20,6 +20,11 @@ from imagefs.errors import InputError
 from launcher.containerizer import Containerizer, Termination
 from launcher.spec import TaskSpec
 from launcher.state import RUNNING, TERMINATED
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from stores.store import ImageRecord
 
 FOLLOW_INTERVAL = 0.05  # how often the output files are checked for growth
 
@@ -63,13 +68,15 @@ def exit_code(termination: Termination) -> int:
     return 128 + termination.signal if termination.signal else 125
 
 
-def run_task(containerizer: Containerizer, spec: TaskSpec, *, detach: bool = False) -> int:
-    return trio.run(_run, containerizer, spec, detach)
+def run_task(containerizer: Containerizer, spec: TaskSpec, *, detach: bool = False,
+             image: Future[ImageRecord] | None = None) -> int:
+    """*image*: spec.image pulled ahead by the caller (see Containerizer.launch)."""
+    return trio.run(_run, containerizer, spec, detach, image)
 
 
-async def _run(containerizer: Containerizer, spec: TaskSpec, detach: bool) -> int:
+async def _run(containerizer: Containerizer, spec: TaskSpec, detach: bool, image: Future[ImageRecord] | None) -> int:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        container_id = await containerizer.launch(spec)
+        container_id = await containerizer.launch(spec, image=image)
         if detach:
             print(container_id)
             return 0

@@ -9,6 +9,7 @@ it is ready. Every fixture checks on the way out that no mount under tmp_path is
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -30,7 +31,7 @@ from launcher.isolators.filesystem import FilesystemLinuxIsolator
 from launcher.isolators.namespaces import (IpcNamespaceIsolator, NetworkHostIsolator, NetworkNoneIsolator,
                                            PidNamespaceIsolator, UtsNamespaceIsolator)
 from launcher.isolators.volumes import VolumeHostPathIsolator, volume_mount
-from launcher.launch import ExitStatus, InitProcess, init_config, spawn_init, wait_pid
+from launcher.launch import ExitStatus, InitProcess, init_config, spawn_init, start_init, wait_pid
 from launcher.spec import SANDBOX_PATH, ContainerConfig, TaskSpec, Volume
 from tests.support.images import busybox_members, layer_tar
 
@@ -477,3 +478,80 @@ def test_init_config_refuses_host_changes_without_namespaces() -> None:
     for extra, message in cases:
         with pytest.raises(LaunchError, match=message):
             InitConfig.from_dict({**base, **extra})
+
+
+# ---- start-up: what the init imports and when it reads its config -----------------------------------
+
+def test_init_imports_only_the_standard_library_and_launcher() -> None:
+    """The init runs with `python -S` (no site-packages) and must stay cheap to start: no pyroute2,
+    argparse, dataclasses or typing, and no `ldconfig -p` (ctypes.util.find_library)."""
+    probe = ("import sys; import launcher.init, launcher.linux.netdev; "
+             "print(' '.join(sorted(m for m in sys.modules)))")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-S", "-P", "-c", probe], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONPATH": str(root)}, cwd="/")
+    loaded = set(r.stdout.split())
+    for heavy in ("pyroute2", "argparse", "dataclasses", "typing", "subprocess", "ctypes.util", "socket"):
+        assert heavy not in loaded, heavy
+    assert not any(name.startswith(("trio", "psutil", "imagefs", "stores")) for name in loaded)
+
+
+def test_sandbox_path_is_the_specs() -> None:
+    import launcher.init
+    import launcher.spec
+
+    assert launcher.init.SANDBOX_PATH == launcher.spec.SANDBOX_PATH
+
+
+def test_init_command_line() -> None:
+    from launcher.init import _parse_args
+
+    assert _parse_args(["c.json", "--sync-fd", "7"]) == ("c.json", 7)
+    assert _parse_args(["--sync-fd=3", "c.json"]) == ("c.json", 3)
+    assert _parse_args(["c.json"]) == ("c.json", None)
+    for bad in ([], ["--sync-fd", "3"], ["a", "b"], ["c.json", "--frobnicate"], ["c.json", "--sync-fd", "x"]):
+        with pytest.raises(ValueError):
+            _parse_args(bad)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a network namespace)")
+def test_link_up_in_a_new_network_namespace() -> None:
+    probe = ("import errno; from launcher.linux import netdev\n"
+             "assert not netdev.is_up('lo'); netdev.link_up('lo'); assert netdev.is_up('lo')\n"
+             "netdev.link_up('lo')  # idempotent\n"
+             "for name in ('nosuch0', 'x' * 20):\n"
+             "    try: netdev.link_up(name)\n"
+             "    except OSError as e: assert e.errno == errno.ENODEV, e\n"
+             "    else: raise AssertionError(name)\n"
+             "import socket; s = socket.create_server(('127.0.0.1', 0)); socket.create_connection(s.getsockname())\n")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["unshare", "--net", sys.executable, "-c", probe], capture_output=True, text=True,
+                       cwd=root)
+    assert r.returncode == 0, r.stderr
+
+
+@needs_namespaces
+async def test_init_started_before_its_config(box: Box) -> None:
+    """start_init, as the containerizer does before the pull: the config comes later, before go."""
+    init = await start_init(box.dir, log_dir=box.sandbox)
+    box.inits.append(init)
+    assert not (box.dir / "init.json").exists()
+    with pytest.raises(RuntimeError, match="configure"):
+        await init.go()
+    init.configure(box.config(["sh", "-c", "echo configured late"]))
+    await init.go()
+    assert await init.wait() == ExitStatus(0, None, None)
+    assert box.output()[0] == "configured late\n"
+
+
+@needs_namespaces
+async def test_abort_before_the_config_exists(box: Box) -> None:
+    (box.dir / "init.json").write_text(json.dumps(box.config(["true"], status_path=str(box.dir / "old.json"))))
+    init = await start_init(box.dir, log_dir=box.sandbox)
+    box.inits.append(init)
+    init.abort()
+    status = await init.wait()
+    # No config to say where: no status file; the exit code says the launch failed.
+    assert status.exit_code == 125
+    assert not (box.dir / "status.json").exists() and not (box.dir / "old.json").exists()
+    assert "aborted" in box.output()[1]

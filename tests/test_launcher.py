@@ -264,3 +264,72 @@ def test_gc_keeps_images_running_containers_use(launcher, image):
     assert launcher.run("wait", "gc1").returncode == 137
     assert "removed 1 images" in launcher.run("gc", check=True).stdout
     assert os.listdir(indexes) == []
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any(text in a for a in p.info["cmdline"] or []):
+                found.append(p.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_launcher_killed_while_pulling_leaves_nothing(launcher):
+    """The init (and a standby mount server) start before the pull: a launcher killed while the
+    registry keeps it waiting leaves them to end by themselves, and recover to clean up the rest."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # accepts, never answers
+        ref = f"docker://127.0.0.1:{silent.getsockname()[1]}/hang/here:1"
+        p = launcher.popen("run", "--name", "early", ref, "--", "true")
+        work = str(launcher.cli.work)
+        try:
+            wait_until(lambda: any("launcher.init" in " ".join(psutil.Process(pid).cmdline())
+                                   for pid in _processes_mentioning(work)), 60, "the init started")
+        finally:
+            p.kill()  # kill -9 of the launcher mid-pull
+            p.wait()
+        wait_until(lambda: not _processes_mentioning(work), 60, "the init and standby server exit")
+    r = launcher.run("recover", check=True)
+    assert "destroyed early" in r.stdout
+    state = json.loads((launcher.cli.work / "containers" / "early" / "state.json").read_text())
+    assert state["status"] == "terminated"
+
+
+def test_procfs_start_times_are_psutils(tmp_path):
+    from launcher.linux import procfs
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        for pid in (1, os.getpid(), child.pid):
+            assert procfs.start_time(pid) == psutil.Process(pid).create_time()
+        start = procfs.start_time(child.pid)
+        assert procfs.is_running(child.pid, start)
+        assert not procfs.is_running(child.pid, start - 5) and not procfs.is_running(child.pid, None)
+        assert not procfs.wait_gone(child.pid, start, 0.05)   # still running
+        child.kill()
+        assert procfs.wait_exit(child.pid, 10)
+        assert not procfs.is_running(child.pid, start)   # a zombie is no longer running
+        assert procfs.wait_gone(child.pid, start, 10)    # our zombie: we reap it ourselves
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(ProcessLookupError):
+        procfs.start_time(child.pid)
+    assert procfs.wait_exit(child.pid, 0) and not procfs.is_running(child.pid, start)
+    # Not our child: gone once its parent (here a shell) has reaped it.
+    shell = subprocess.Popen(["sh", "-c", "sleep 0.2 & echo $!; wait; sleep 60"], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(shell.stdout.readline())
+        started = procfs.start_time(grandchild)
+        assert procfs.wait_gone(grandchild, started, 10)
+        assert not procfs.is_running(grandchild, started)
+        with pytest.raises(ProcessLookupError):   # reaped: no zombie left (pids are not reused so soon)
+            procfs.start_time(grandchild)
+    finally:
+        shell.kill()
+        shell.wait()
+        shell.stdout.close()

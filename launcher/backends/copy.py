@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imagefs.extract import extract_view
 from launcher import backends
 from launcher.backends import ROOTFS
 from stores.store import ImageRecord
@@ -25,6 +24,8 @@ class Backend(backends.Backend):
     name = "copy"
 
     def provision(self, container_id: str, record: ImageRecord, rootfs_dir: Path) -> dict[str, Any]:
+        from imagefs.extract import extract_view   # here: see overlay.LayerCache._ensure
+
         with self.ctx.store.using():
             view = self.ctx.open_view(record)
             try:

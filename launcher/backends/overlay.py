@@ -34,16 +34,16 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imagefs.extract import Lower, extract_layer, needs_lower
-from imagefs.union import WHITEOUT_PREFIX
-from imagefs.view import ImageView
 from launcher import backends
 from launcher.backends import ROOTFS, UPPER, WORK
 from stores.digest import hex_of
 from stores.fsutil import locked
 from stores.store import ImageRecord
+
+if TYPE_CHECKING:
+    from imagefs.view import ImageView
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ class LayerCache:
 
     def _ensure(self, view: ImageView, i: int, *, flat: bool) -> Path:
         """Layer *i* of the opened image as a directory: extracted unless it is there."""
+        # Imported here: the provisioner makes every backend, and `imagefs run` with the default
+        # (imagefs) backend should not pay for the extraction code's imports.
+        from imagefs.extract import Lower, extract_layer, needs_lower
+        from imagefs.union import WHITEOUT_PREFIX
+
         layers = view.record.image.layers
         index = view.readers[i].index
         hexd = hex_of(layers[i].digest)

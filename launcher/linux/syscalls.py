@@ -4,6 +4,11 @@ Python 3.11 has no os.unshare, os.setns, mount, pivot_root or prctl. Each wrappe
 call and raises `OSError(errno, strerror, path)` on failure, exactly like the os module would; no
 policy lives here (which flags, in which order: launcher/linux/rootfs.py and launcher/init.py).
 
+The container init imports this module on every container start, so it imports only ctypes and
+os: libc is the process's own (dlopen(NULL): Python links it), not looked up with
+ctypes.util.find_library, which runs `ldconfig -p` in a subprocess (~10 ms, and the subprocess
+module's imports).
+
 Concurrency: plain blocking calls, meant for the single-threaded init process. Namespace calls act
 on the calling thread, so never call them from a process that runs other threads.
 """
@@ -11,9 +16,7 @@ on the calling thread, so never call them from a process that runs other threads
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 
 # Namespaces (linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -65,6 +68,11 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
 
+# socket(2), for launcher/linux/netdev.py.
+AF_INET = 2
+SOCK_DGRAM = 2
+SOCK_CLOEXEC = 0o2000000
+
 # prctl(2).
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -77,13 +85,14 @@ _SYSCALLS = {
     "aarch64": {"pivot_root": 41, "mount_setattr": 442},
 }
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.socket.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
 
 
@@ -103,9 +112,10 @@ def _check(result: int, what: str, path: str | None = None) -> None:
 
 
 def _syscall_number(name: str) -> int:
-    table = _SYSCALLS.get(platform.machine())
+    machine = os.uname().machine
+    table = _SYSCALLS.get(machine)
     if table is None:
-        raise OSError(38, f"{name}: syscall number unknown on {platform.machine()}")  # ENOSYS
+        raise OSError(38, f"{name}: syscall number unknown on {machine}")  # ENOSYS
     return table[name]
 
 
@@ -153,6 +163,13 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     result = _libc.prctl(option, arg2, arg3, arg4, arg5)
     _check(result, "prctl")
     return result
+
+
+def socket(domain: int, type_: int, protocol: int = 0) -> int:
+    """A socket's fd, without importing the socket module (see launcher/linux/netdev.py)."""
+    fd = _libc.socket(domain, type_, protocol)
+    _check(fd, "socket")
+    return fd
 
 
 def namespace_flags(names: list[str] | tuple[str, ...]) -> int:
