@@ -12,11 +12,19 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from imagefs.errors import EXIT_RUNTIME, EXIT_USAGE, ImagefsError, InputError, NotFound
 from stores.model import Layer
 from stores.reference import parse_reference
 from stores.store import ImageRecord, Store
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from imagefs.fuse.daemon import Standby
+    from stores.pull import SourceOptions
+    from stores.source import Source
 
 log = logging.getLogger("imagefs")
 
@@ -42,6 +50,16 @@ def _source_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory or http(s) URL prefix for Appc simple discovery ($IMAGEFS_APPC_DISCOVERY)")
     p.add_argument("--platform", default=argparse.SUPPRESS, metavar="OS/ARCH[/VARIANT]",
                    help="platform to pick from multi-platform images (default: this host's)")
+
+
+def _mount_job_arguments(p: argparse.ArgumentParser) -> None:
+    """What a mount server is to serve: the `mount` command's arguments, which a standby server
+    (imagefs/fuse/daemon.py) gets over its pipe instead of on its command line."""
+    p.add_argument("ref")
+    p.add_argument("mountpoint")
+    p.add_argument("--prefetch", choices=("none", "profile", "all"), default="all",
+                   help="fetch the rest of the image in the background: the files of its access "
+                        "profile first, then (all) everything (default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,13 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("refs", nargs="+", metavar="REF")
     sub.add_parser("gc", help="delete unreferenced blobs, indexes and chunks")
     s = sub.add_parser("mount", help="lazily mount an image's merged rootfs read-only", parents=[sources])
-    s.add_argument("ref")
-    s.add_argument("mountpoint")
     s.add_argument("--foreground", action="store_true", help="serve in this process until unmounted")
-    s.add_argument("--prefetch", choices=("none", "profile", "all"), default="all",
-                   help="fetch the rest of the image in the background: the files of its access "
-                        "profile first, then (all) everything (default: all)")
+    _mount_job_arguments(s)   # a standby server gets "-" for ref and mountpoint: see cmd_mount
     s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--standby-fd", type=int, default=None, help=argparse.SUPPRESS)  # daemon.spawn_standby
     s = sub.add_parser("umount", help="unmount and stop the serving process")
     s.add_argument("mountpoint")
 
@@ -169,8 +184,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    """Index every layer (reusing the store's indexes, never taking published ones: this is what
-    produces them) and, with --push, publish them; prints each layer's index size."""
+    """Index every layer (reusing the store's indexes, never looking for published ones: this is
+    what produces them; an index the store took from one earlier is fetched whole) and, with
+    --push, publish them with the image's access profile if the store has one; prints each
+    layer's index size."""
     from imagefs.progress import progress_for
     from imagefs.publish import publish
     from stores.pull import pull
@@ -186,6 +203,14 @@ def cmd_index(args: argparse.Namespace) -> int:
                       use_published=False)
     image = record.image
     layers = {layer.digest: layer for layer in image.layers}
+    if not all(store.has_full_index(d) for d in layers):
+        # Indexes an earlier pull took from a published artifact are held as metadata only:
+        # made whole from that (verified) artifact rather than rebuilt from the layers.
+        from imagefs.publish import fetch_full_index
+
+        with options.open(record.source) as source:
+            for layer in layers.values():
+                fetch_full_index(store, source, layer)
     index_sizes = {d: store.index_path(d).stat().st_size for d in layers}
     total_layers, total_indexes = sum(l.size for l in layers.values()), sum(index_sizes.values())
     if not args.quiet:
@@ -201,8 +226,9 @@ def cmd_index(args: argparse.Namespace) -> int:
                 raise InputError(record.source, "indexes can only be published to a registry")
             done = publish(store, source, image)
         if not args.quiet:
-            print(f"pushed {done.artifact} ({_human(done.artifact_size + done.index_bytes)}, "
-                  f"{100 * (done.artifact_size + done.index_bytes) / max(total_layers, 1):.2f}% of the layers) "
+            profile = f", access profile of {done.profile_paths} file(s)" if done.profile else ""
+            print(f"pushed {done.artifact} ({_human(done.total_bytes)}, "
+                  f"{100 * done.total_bytes / max(total_layers, 1):.2f}% of the layers{profile}) "
                   f"to {record.source.rsplit('@', 1)[0]} ({done.how})")
     return 0
 
@@ -342,23 +368,61 @@ def _source_flags(args: argparse.Namespace) -> list[str]:
     return flags + ["-v"] * args.verbose
 
 
+def _await_mount_job(args: argparse.Namespace) -> bool:
+    """A standby server (daemon.spawn_standby): import what serving takes, then wait for the job
+    and take its arguments, and its mount point's log. False: dismissed, nothing to serve."""
+    import select
+
+    import imagefs.fuse.server  # noqa: F401  (importing is the point: before the job comes)
+    import imagefs.prefetch  # noqa: F401
+    import imagefs.view  # noqa: F401
+    import stores.pull  # noqa: F401
+    from imagefs.fuse import daemon
+
+    if not select.select([args.standby_fd], [], [], 0)[0]:
+        # Still idle: import what the first read from a registry takes, too (_SourceAhead).
+        import stores.registry  # noqa: F401
+    job = daemon.Job.read(args.standby_fd)
+    if job is None:
+        return False
+    daemon.redirect_output(daemon.log_path(args.work_dir, job.mountpoint))
+    job_parser = _Parser(prog="imagefs mount", add_help=False)
+    _mount_job_arguments(job_parser)
+    job_parser.parse_args([*job.mount_options, job.ref, job.mountpoint], namespace=args)
+    return True
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from imagefs.fuse import daemon
 
+    if args.standby_fd is not None and not _await_mount_job(args):
+        return 0
     store = Store(args.store)
     mountpoint = os.path.realpath(args.mountpoint)
     daemon.prepare_mountpoint(mountpoint)
-    record = image_or_pull(store, args)
     if not args.foreground:
-        daemon.start(daemon.cli_prefix(os.path.abspath(args.store), os.path.abspath(args.work_dir), _source_flags(args)),
-                     record.id, mountpoint, args.work_dir, record.id, [f"--prefetch={args.prefetch}"])
+        prefix = daemon.cli_prefix(os.path.abspath(args.store), os.path.abspath(args.work_dir), _source_flags(args))
+        standby = daemon.spawn_standby(prefix, args.work_dir)   # its start-up overlaps the pull
+        try:
+            record = image_or_pull(store, args)
+            daemon.start(prefix, record.id, mountpoint, args.work_dir, record.id, [f"--prefetch={args.prefetch}"],
+                         standby=standby)
+        finally:
+            if standby is not None:
+                standby.dismiss()
         return 0
+    record = image_or_pull(store, args)
     from imagefs.fuse.server import serve
     from imagefs.prefetch import Prefetcher, ProfileRecorder, load_profile
     from imagefs.view import ImageView
 
-    options = source_options(args)
-    view = ImageView.open(store, record, lambda: options.open(record.source))
+    source = _SourceAhead(source_options(args), record.source)
+    if "stores.registry" in sys.modules:
+        # Imported already (a standby server): opening the source now costs the mount little,
+        # the SSL context's loading runs without the GIL. Otherwise it starts once the mount
+        # answers (ready below), not to slow the mount down with httpx's import.
+        source.start()
+    view = ImageView.open(store, record, source.get)
     recorder = None if load_profile(store, record.id) else ProfileRecorder(store, view)
     if recorder is not None:
         view.on_read = recorder.read
@@ -370,6 +434,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"ready")
             os.close(args.ready_fd)
+        source.start()
 
     try:
         serve(view, mountpoint, ready=ready, background=prefetch)
@@ -377,7 +442,68 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if recorder is not None:
             recorder.save()
         view.close()
+        source.close_unused()
     return 0
+
+
+class _SourceAhead:
+    """The mount server's source (the view opens it on its first remote read), opened ahead in a
+    thread once the mount answers. A registry source costs ~80 ms to open (httpx's import, an
+    SSL context), which the task's first read would otherwise wait for; opening it dials nothing.
+    Other sources are opened on first use, as the view would (Appc discovery may reach out)."""
+
+    def __init__(self, options: SourceOptions, reference: str) -> None:
+        import threading
+
+        self._options = options
+        self._reference = reference
+        self._ahead: Future[Source] | None = None
+        self._lock = threading.Lock()
+        self._taken = False
+
+    def start(self) -> None:
+        """Open the source in a thread now (idempotent)."""
+        import concurrent.futures
+        import threading
+
+        from stores.reference import DockerReference
+
+        try:
+            if not isinstance(parse_reference(self._reference), DockerReference):
+                return
+        except InputError:
+            return
+        future: Future[Source] = concurrent.futures.Future()
+
+        def open_source() -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(self._options.open(self._reference))
+            except BaseException as e:  # raised where the view asks for the source
+                future.set_exception(e)
+
+        with self._lock:
+            if self._taken or self._ahead is not None:
+                return   # the view has opened it, or it is being opened
+            self._ahead = future
+        threading.Thread(target=open_source, name="imagefs-source-ahead", daemon=True).start()
+
+    def get(self) -> Source:
+        """The source: the one opened ahead, or opened now. The view calls it at most once."""
+        with self._lock:
+            self._taken = True
+            ahead = self._ahead
+        return ahead.result() if ahead is not None else self._options.open(self._reference)
+
+    def close_unused(self) -> None:
+        """Close the source opened ahead if the view never took it (the view closes its own)."""
+        with self._lock:
+            ahead, taken = self._ahead, self._taken
+        if ahead is not None and not taken:
+            try:
+                ahead.result().close()
+            except Exception:
+                pass
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -387,15 +513,66 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _containerizer(args: argparse.Namespace):
+def _containerizer(args: argparse.Namespace, mount_standby: Standby | None = None):
     from launcher.containerizer import Containerizer
 
     return Containerizer(Store(args.store), args.work_dir, source_options=source_options(args),
-                         source_flags=_source_flags(args), cgroup_root=args.cgroup_root)
+                         source_flags=_source_flags(args), cgroup_root=args.cgroup_root,
+                         mount_standby=mount_standby)
+
+
+# `imagefs run` starts two things before it imports the launcher (trio and the containerizer, the
+# better part of its own start-up), so that they overlap that: the image's pull, and a standby mount
+# server (imagefs/fuse/daemon.py), which imports what serving takes meanwhile.
+
+def _pull_ahead(args: argparse.Namespace, image: str) -> Future[ImageRecord]:
+    """find_or_pull(*image*) in a thread, started now; the containerizer takes its result."""
+    import concurrent.futures
+    import threading
+
+    from stores.pull import find_or_pull
+
+    future: Future[ImageRecord] = concurrent.futures.Future()
+    store, options = Store(args.store), source_options(args)
+
+    def pull() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(find_or_pull(store, image, options))
+        except BaseException as e:  # handed to the launch that awaits it, raised there
+            future.set_exception(e)
+
+    # A daemon thread: a run that fails before it needs the image does not wait for the pull.
+    threading.Thread(target=pull, name="imagefs-pull-ahead", daemon=True).start()
+    return future
+
+
+def _mount_standby(args: argparse.Namespace, image: str, backend: str | None) -> Standby | None:
+    """A standby mount server for the container's image, or None where none will be needed: the
+    backend is not imagefs, or the image's shared mount is up already."""
+    from imagefs.fuse import daemon
+    from launcher.backends.imagefs import is_served
+
+    if (backend or "imagefs") != "imagefs":
+        return None
+    work = os.path.realpath(args.work_dir)
+    store = Store(args.store)
+    try:
+        image_id = store.lookup(str(parse_reference(image))) or store.lookup(image)
+    except InputError:
+        image_id = store.lookup(image)
+    if image_id is not None and is_served(work, image_id):
+        return None
+    try:
+        return daemon.spawn_standby(daemon.cli_prefix(os.path.realpath(args.store), work, _source_flags(args)), work)
+    except OSError as e:   # only a head start: the launch starts a server as it always did
+        log.debug("no standby mount server: %s", e)
+        return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from launcher.run import run_task
+    import contextlib
+
     from launcher.task import parse_task, spec_from_args
 
     try:
@@ -415,7 +592,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   pids=args.pids, disk=args.disk, hostname=args.hostname, network=args.network,
                                   backend=args.backend, env=args.env, workdir=args.workdir, user=args.user,
                                   name=args.name, isolation=args.isolation)
-        return run_task(_containerizer(args), spec, detach=args.detach)
+        with contextlib.ExitStack() as stack:
+            image = _pull_ahead(args, spec.image)
+            standby = _mount_standby(args, spec.image, spec.backend)
+            if standby is not None:
+                stack.enter_context(standby)   # dismissed if unused
+            from launcher.run import run_task   # only now: see _pull_ahead
+
+            return run_task(_containerizer(args, standby), spec, detach=args.detach, image=image)
     except ImagefsError as e:  # run's own failures are 125, like docker's and podman's
         print(e.line(), file=sys.stderr)
         return getattr(e, "exit_code", 125)

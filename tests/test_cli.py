@@ -206,3 +206,64 @@ def test_progress_on_a_terminal_and_quiet_otherwise(images, registry, cli):
     text = out.decode(errors="replace")
     layers = json.loads(cli.run("inspect", "--json", ref).stdout)["layers"]
     assert layers[1]["digest"][7:19] in text and "MB" in text
+
+
+class _Opened:
+    def __init__(self, reference: str) -> None:
+        self.reference = reference
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Options:
+    """Stands in for SourceOptions: counts what is opened."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.opened: list[_Opened] = []
+        self.error = error
+
+    def open(self, reference: str) -> _Opened:
+        if self.error is not None:
+            raise self.error
+        self.opened.append(_Opened(reference))
+        return self.opened[-1]
+
+
+def test_mount_server_opens_a_registry_source_ahead():
+    from imagefs.cli import _SourceAhead
+    from imagefs.errors import InputError
+
+    ref = "docker://127.0.0.1:5000/x/y@sha256:" + "0" * 64
+    options = _Options()
+    ahead = _SourceAhead(options, ref)
+    ahead.start()
+    ahead.start()                              # idempotent
+    source = ahead.get()                       # the view's first remote read takes it
+    assert options.opened == [source] and source.reference == ref
+    ahead.close_unused()
+    assert not source.closed                   # the view's to close
+    # Never taken (an image read locally): closed at the end.
+    options = _Options()
+    ahead = _SourceAhead(options, ref)
+    ahead.start()
+    ahead.close_unused()
+    assert len(options.opened) == 1 and options.opened[0].closed
+    # Taken before start: opened once, by the view.
+    options = _Options()
+    ahead = _SourceAhead(options, ref)
+    ahead.get()
+    ahead.start()
+    assert len(options.opened) == 1
+    # Not a registry: opened when first used only (Appc discovery, say, may reach out).
+    options = _Options()
+    ahead = _SourceAhead(options, "oci:/some/layout:tag")
+    ahead.start()
+    ahead.close_unused()
+    assert options.opened == []
+    # A failure to open is raised where the view asks.
+    ahead = _SourceAhead(_Options(InputError("ca.pem", "CA file not found")), ref)
+    ahead.start()
+    with pytest.raises(InputError, match="CA file"):
+        ahead.get()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -187,3 +188,39 @@ def test_mount_errors_are_one_line(registry, env):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "test/nothing" in r.stderr
     r = cli.run("mount", registry.ref("test/tricky:1"), str(tmp / "missing-dir"), check=False)
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+def test_standby_server_takes_its_job_then_serves(tricky, registry, env):
+    """A standby server (imported, waiting on its pipe) mounts what it is handed, as a new server
+    would; one waits per work dir at a time; a dismissed one exits without mounting."""
+    from imagefs.fuse import daemon
+
+    cli, mounts, tmp = env
+    ref = registry.ref("test/tricky:1")
+    cli.run("pull", ref)
+    image_id = json.loads(cli.run("inspect", "--json", ref).stdout)["id"]
+    prefix = daemon.cli_prefix(str(cli.store), str(cli.work), [])
+    mp = tmp / "mnt"
+    mp.mkdir()
+    mounts.points.append(mp)
+    standby = daemon.spawn_standby(prefix, str(cli.work))
+    assert standby is not None
+    assert daemon.spawn_standby(prefix, str(cli.work)) is None   # the slot is taken
+    record = daemon.start(prefix, image_id, str(mp), str(cli.work), image_id, standby=standby)
+    assert record.pid == standby.proc.pid
+    assert record.create_time == psutil.Process(record.pid).create_time() == daemon.create_time(record.pid)
+    assert (mp / "a/b/file1").read_text() == "version two\n"
+    assert standby.hand_over(image_id, str(mp), []) is None     # used once
+    standby.dismiss()                                           # a no-op now
+    # Its job's log is the mount's, as any server's; the slot is free again.
+    assert daemon.log_path(str(cli.work), str(mp)) == Path(record.log)
+    other = daemon.spawn_standby(prefix, str(cli.work))
+    assert other is not None
+    other.dismiss()
+    assert other.proc.wait(60) == 0
+    daemon.stop(str(cli.work), str(mp))
+    assert not os.path.ismount(mp)
+    with pytest.raises(ProcessLookupError):
+        os.kill(record.pid, 0)
+    logs = cli.work / "run" / "mounts"
+    assert (logs / daemon.STANDBY_LOG).read_text() == ""

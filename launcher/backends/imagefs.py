@@ -13,6 +13,10 @@ image start one server, and a crash at any point leaves a record that `recover` 
 last reference going (under the lock) unmounts the image and ends its server; 100 containers on
 one image share one mount and one server.
 
+Where the provisioner was handed a standby server (imagefs/fuse/daemon.py: started by `imagefs run`
+before its own imports), `_serve` gives the job to it instead of starting a process: the same
+server, its start-up already done. The lock and reference protocol is unchanged.
+
 A server that died leaves its mount dead (ENOTCONN). `acquire` and `recover` serve such a mount
 again at the same path (the new server replaces the dead mount), so new containers work. Overlays
 made on the dead mount keep it as their lower and stay broken: keeping running containers alive
@@ -41,6 +45,18 @@ from stores.fsutil import atomic_write, fsync_dir
 from stores.store import ImageRecord
 
 log = logging.getLogger(__name__)
+
+
+def mountpoint(work_dir: str | os.PathLike[str], image_id: str) -> Path:
+    """Where the image's shared mount is (see the module docstring)."""
+    return Path(work_dir) / "mounts" / image_id / "rootfs"
+
+
+def is_served(work_dir: str | os.PathLike[str], image_id: str) -> bool:
+    """Whether the image's shared mount is up and answering (a hint: no lock is taken)."""
+    mp = str(mountpoint(work_dir, image_id))
+    kind = daemon.mount_type(mp)
+    return kind is not None and kind.startswith("fuse") and not daemon.is_stale(mp)
 
 
 @contextlib.contextmanager
@@ -76,7 +92,7 @@ class SharedMounts:
         self.root = ctx.work_dir / "mounts"
 
     def mountpoint(self, image_id: str) -> Path:
-        return self.root / image_id / "rootfs"
+        return mountpoint(self.ctx.work_dir, image_id)
 
     def acquire(self, image_id: str, container_id: str) -> Path:
         """Reference the image's mount for *container_id*, serving it if it is not; its path."""
@@ -134,7 +150,8 @@ class SharedMounts:
         # name and try to pull it: refuse here, in one line, without going near a network.
         self.ctx.store.load(image_id)
         store, work = str(self.ctx.store.root), str(self.ctx.work_dir)
-        daemon.start(daemon.cli_prefix(store, work, list(self.ctx.source_flags)), image_id, str(mp), work, image_id)
+        daemon.start(daemon.cli_prefix(store, work, list(self.ctx.source_flags)), image_id, str(mp), work, image_id,
+                     standby=self.ctx.mount_standby)
 
     def _shutdown_if_unused(self, d: Path) -> bool:
         """If no reference is left: unmount, end the server, remove the directory. Whether it did."""
