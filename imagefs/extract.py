@@ -50,7 +50,6 @@ from the calling thread only.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -147,7 +146,7 @@ class _PlanDir:
 
 # ---- the writer -------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # this process's own libc (find_library forks ldconfig)
 
 
 def _syncfs(fd: int) -> None:

@@ -38,7 +38,6 @@ from typing import Literal
 
 from imagefs.chunkcache import ChunkCache
 from imagefs.errors import ImagefsError
-from imagefs.publish import fetch_full_index
 from imagefs.union import Inode
 from imagefs.view import ImageView
 from stores.fsutil import fsync_dir
@@ -167,6 +166,8 @@ class Prefetcher:
             return
         if not self.store.has_full_index(data.layer.digest):  # every window, for reads offline
             self._yield_to_reads()
+            from imagefs.publish import fetch_full_index  # here: not on the mount's start-up path
+
             self._retrying(lambda: fetch_full_index(self.store, self.view.source(), data.layer))
         step = self.max_run or cache.max_run
         for first in range(0, cache.nchunks, step):

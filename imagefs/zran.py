@@ -69,10 +69,13 @@ class _ZStream(ctypes.Structure):
 
 
 def _load_libz() -> ctypes.CDLL:
-    name = ctypes.util.find_library("z")
-    if name is None:
-        raise ImportError("imagefs.zran needs the system zlib (libz.so.1)")
-    lib = ctypes.CDLL(name)
+    try:  # the soname first: find_library forks `ldconfig -p`, on every mount server's start
+        lib = ctypes.CDLL("libz.so.1")
+    except OSError:
+        name = ctypes.util.find_library("z")
+        if name is None:
+            raise ImportError("imagefs.zran needs the system zlib (libz.so.1)") from None
+        lib = ctypes.CDLL(name)
     p = ctypes.POINTER(_ZStream)
     for fn, args in (("inflateInit2_", [p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]),
                      ("inflate", [p, ctypes.c_int]), ("inflateEnd", [p]), ("inflateReset", [p]),
