@@ -655,7 +655,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         verbose = args.verbose
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
-                            format="imagefs: %(message)s")
+                            # -vv: milliseconds since start, to see where a start's time goes
+                            format="imagefs %(relativeCreated)5.0fms %(threadName)s: %(message)s" if verbose > 1
+                            else "imagefs: %(message)s")
         return COMMANDS[args.command](args)
     except ImagefsError as e:
         print(e.line(), file=sys.stderr)

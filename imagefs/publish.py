@@ -317,10 +317,13 @@ class PublishedIndexes:
                         image, e)
             return by_layer
         log.info("image %s: %d published index artifact(s) (%s)", image, len(referrers), how)
-        for referrer in reversed(referrers[-MAX_ARTIFACTS:]):  # the newest (appended last) first
+        newest_first = list(reversed(referrers[-MAX_ARTIFACTS:]))  # appended last: newest
+        with ThreadPoolExecutor(max(1, min(len(newest_first), 4)), thread_name_prefix="imagefs-artifact") as pool:
+            # All at once (a republished profile makes two or more): one round trip, not one each.
+            manifests = [pool.submit(self._source.manifest, r.digest) for r in newest_first]
+        for referrer, future in zip(newest_first, manifests):
             try:
-                m = self._source.manifest(referrer.digest)
-                parsed = parse_artifact(m.data, image, f"index artifact {referrer.digest}")
+                parsed = parse_artifact(future.result().data, image, f"index artifact {referrer.digest}")
             except ImagefsError as e:
                 log.warning("image %s: ignoring published index artifact %s: %s", image, referrer.digest, e)
                 continue
