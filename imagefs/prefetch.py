@@ -52,6 +52,7 @@ RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after a failed fetch; waits on `st
 # burst of reads has the link to itself (measured: sharing it made cold starts 2x slower).
 QUIET_SECONDS = 1.0
 PROFILE_THREADS = 4  # range requests in flight while the profile is fetched
+PROFILE_PIECE = 256 << 10  # bytes per request then
 
 
 def profile_path(store: Store, image_id: str) -> Path:
@@ -148,8 +149,9 @@ class Prefetcher:
             reader = self.view.readers[location.layer]
             start, end = reader.readahead_extent(location.offset, location.size)
             size = cache.chunk_size
-            for first in range(start // size, (end - 1) // size + 1, cache.max_run):
-                last = min(first + cache.max_run, (end - 1) // size + 1)
+            step = max(1, PROFILE_PIECE // size)  # small pieces in order: a file's start comes first
+            for first in range(start // size, (end - 1) // size + 1, step):
+                last = min(first + step, (end - 1) // size + 1)
                 jobs.append(lambda c=cache, f=first, l=last: c.ensure(f, l))
             if reader.needs_window(location.offset):  # so the file reads without the registry
                 jobs.append(lambda r=reader, o=location.offset: r.window_at(o))
