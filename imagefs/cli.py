@@ -422,7 +422,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         # the SSL context's loading runs without the GIL. Otherwise it starts once the mount
         # answers (ready below), not to slow the mount down with httpx's import.
         source.start()
+    log.debug("image %s: opening its view", record.id[:12])
     view = ImageView.open(store, record, source.get)
+    log.debug("image %s: view open; mounting at %s", record.id[:12], mountpoint)
     recorder = None if load_profile(store, record.id) else ProfileRecorder(store, view)
     if recorder is not None:
         view.on_read = recorder.read
@@ -431,6 +433,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         Prefetcher(store, view, args.prefetch, stop=stop).run()
 
     def ready() -> None:
+        log.debug("image %s: mounted", record.id[:12])
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"ready")
             os.close(args.ready_fd)
