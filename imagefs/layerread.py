@@ -171,6 +171,7 @@ class LayerReader:
         self._inflight: dict[_Key, threading.Event] = {}
         self._cursors: list[_Cursor] = []  # idle ones, oldest first
         self._windows: OrderedDict[int, bytes] = OrderedDict()  # range-fetched windows, by region
+        self._region_locks: dict[int, threading.Lock] = {}
         self._max_cursors = max_cursors
 
     @property
@@ -296,6 +297,21 @@ class LayerReader:
                 self._cached -= len(dropped)
 
     def _decode(self, key: _Key, start: int, stop: int) -> bytes:
+        region = key[0]
+        with self._lock:
+            region_lock = self._region_locks.setdefault(region, threading.Lock())
+        # One decode at a time per region: the kernel's read-ahead asks for the next pieces of a
+        # file at once, and each would otherwise start a cursor of its own at the seek point and
+        # decode everything before its piece again. Waiting, it finds its piece cached or the
+        # cursor parked just before it. (Holders never wait on in-flight events: no deadlock.)
+        with region_lock:
+            with self._lock:
+                data = self._cache.get(key)
+            if data is not None:
+                return data
+            return self._decode_locked(key, start, stop)
+
+    def _decode_locked(self, key: _Key, start: int, stop: int) -> bytes:
         with self._lock:
             self.decoded += 1
         region = key[0]
