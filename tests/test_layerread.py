@@ -231,3 +231,21 @@ def test_short_fetch_is_reported(tar: bytes, kind: str) -> None:
     reader = _reader(tar, kind, lambda b: lambda s, n: b.fetch(s, n)[:-1])
     with pytest.raises(RuntimeFailure, match="short read"):
         reader.read(len(tar) // 2, 10)
+
+
+def test_concurrent_reads_in_one_region_share_its_cursor(tar: bytes) -> None:
+    """The kernel's read-ahead asks for consecutive pieces at once: they must wait for the region's
+    one cursor, not each decode the region from its seek point (every compressed byte fetched and
+    inflated once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    blob, compression = compress(tar, "gzip")
+    index = build(blob, compression, span=1 << 20)
+    source = Blob(blob)
+    reader = LayerReader(index, source.fetch)
+    offsets = range(0, len(tar), GZIP_PIECE)
+    with ThreadPoolExecutor(12) as pool:
+        pieces = list(pool.map(lambda off: reader.read(off, GZIP_PIECE), offsets))
+    assert b"".join(pieces) == tar
+    assert source.bytes <= len(blob) + 2 * len(index.points)
+    reader.close()
