@@ -115,6 +115,7 @@ class _GzipCursor:
             self._cend, uend = index.compressed_size, index.uncompressed_size
         self._ratio = (self._cend - self._cpos) / max(uend - point.uoffset, 1)
         self._chunk = index.chunk_size
+        self._grow = 1
         self._inflater = zran.Inflater(bits=point.bits, window=window)
 
     def read_exact(self, n: int) -> bytes:
@@ -133,7 +134,10 @@ class _GzipCursor:
         """Fetch the compressed bytes that *wanted* more output probably needs, to a chunk end."""
         if self._cpos >= self._cend:
             raise zran.ZlibError("gzip: compressed data ended early")
-        guess = self._cpos + max(int(wanted * self._ratio * 1.1), _MIN_FETCH)
+        # Each top-up of one cursor is twice the last (to the region's end at most): a cursor
+        # that keeps going is a sequential reader, better served by few large fetches.
+        guess = self._cpos + max(int(wanted * self._ratio * 1.1), _MIN_FETCH) * self._grow
+        self._grow = min(self._grow * 2, 32)
         stop = min(-(-guess // self._chunk) * self._chunk, self._cend)
         data = self._fetch(self._cpos, stop - self._cpos)
         if len(data) != stop - self._cpos:

@@ -382,4 +382,4 @@ class Inflater:
                 break  # needs more input
             _check(strm, ret, "gzip")
         del keep
-        return out.raw[:made]
+        return ctypes.string_at(base, made)

@@ -90,9 +90,9 @@ def test_gzip_read_fetches_only_as_far_as_it_needs(tar: bytes) -> None:
     off = p.uoffset + 1000
     assert reader.read(off, 100) == tar[off:off + 100]
     assert 0 < source.bytes < (nxt.coffset - p.coffset) / 4
-    off = p.uoffset + 900_000  # further on: the parked cursor continues, fetching what it needs next
-    assert reader.read(off, 100) == tar[off:off + 100]
-    assert source.bytes < (nxt.coffset - p.coffset) * 0.7
+    off = p.uoffset + 900_000  # further on: the parked cursor continues (its fetches growing, as a
+    assert reader.read(off, 100) == tar[off:off + 100]  # sequential reader's would), within its region
+    assert source.bytes <= nxt.coffset - p.coffset + 1
     reader.close()
 
 
