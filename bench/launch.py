@@ -12,7 +12,6 @@ directories hold (upper, work, bundle). imagefs' mount server memory: the RSS of
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import subprocess
@@ -205,11 +204,15 @@ def _imagefs_tasks(ctx: Context, n: int) -> tuple[list[float], float, float]:
         latencies, procs = _start_all(n, launch)
         disk = (du(cli.work) - before) / n
         mem = 0.0
-        for record in (cli.work / "run" / "mounts").glob("*.json"):
-            try:
-                mem += psutil.Process(json.loads(record.read_text())["pid"]).memory_info().rss
-            except (psutil.NoSuchProcess, KeyError, ValueError):
-                pass
+        # The store's mount servers (a standby waiting for a job included): found by command line,
+        # because a server's record is written by whichever launcher started it, maybe later.
+        for p in psutil.process_iter(["cmdline"]):
+            argv = p.info["cmdline"] or []
+            if "mount" in argv and "--foreground" in argv and str(cli.work) in argv:
+                try:
+                    mem += p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
     finally:
         _finish(procs)
         ctx.unmount_below(cli.store.parent)
