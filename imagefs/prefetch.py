@@ -150,11 +150,16 @@ class Prefetcher:
             start, end = reader.readahead_extent(location.offset, location.size)
             size = cache.chunk_size
             step = max(1, PROFILE_PIECE // size)  # small pieces in order: a file's start comes first
-            for first in range(start // size, (end - 1) // size + 1, step):
+            window = reader.needs_window(location.offset)
+            for n, first in enumerate(range(start // size, (end - 1) // size + 1, step)):
                 last = min(first + step, (end - 1) // size + 1)
-                jobs.append(lambda c=cache, f=first, l=last: c.ensure(f, l))
-            if reader.needs_window(location.offset):  # so the file reads without the registry
-                jobs.append(lambda r=reader, o=location.offset: r.window_at(o))
+                if n == 0 and window:
+                    # The window its reads restart from (so the file reads without the registry),
+                    # fetched before its first chunks: those chunks present mean it is here.
+                    jobs.append(lambda c=cache, f=first, l=last, r=reader, o=location.offset:
+                                (r.window_at(o), c.ensure(f, l)))
+                else:
+                    jobs.append(lambda c=cache, f=first, l=last: c.ensure(f, l))
         if not jobs:
             return
         with ThreadPoolExecutor(PROFILE_THREADS, thread_name_prefix="imagefs-profile") as pool:

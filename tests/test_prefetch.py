@@ -54,6 +54,22 @@ def _layers(cli: Cli, ref: str) -> list[dict]:
     return json.loads(cli.run("inspect", "--json", ref).stdout)["layers"]
 
 
+def _all_present(present: Path, chunks: range) -> bool:
+    marks = present.read_bytes() if present.exists() else b""
+    return len(marks) >= chunks.stop and all(marks[c] for c in chunks)
+
+
+def _profiled_chunks(cli: Cli, layer_hex: str, path: str) -> range:
+    """The chunks of the layer the profile prefetch fetches for *path* (what a read of it needs)."""
+    from imagefs.index import LayerIndex
+    from imagefs.layerread import LayerReader
+
+    index = LayerIndex.from_bytes((cli.store / "indexes" / layer_hex).read_bytes(), f"sha256:{layer_hex}")
+    entry = next(e for e in index.entries if e.path == path.encode())
+    start, end = LayerReader(index, lambda s, n: b"").readahead_extent(entry.offset, entry.size)
+    return range(start // index.chunk_size, (end - 1) // index.chunk_size + 1)
+
+
 def _read_errno(path) -> int | None:
     try:
         path.read_bytes()
@@ -115,7 +131,8 @@ def test_profile_is_recorded_and_fetched_first(tmp_path, own_registry, env):
         d.rmdir()
     mounts.mount(ref, mp, "--prefetch", "profile")
     present = cli.store / "chunks" / data_layer / "present"
-    wait_until(lambda: present.exists() and any(present.read_bytes()), 60, "profile prefetch")
+    wanted = _profiled_chunks(cli, data_layer, "data/small")
+    wait_until(lambda: _all_present(present, wanted), 60, "profile prefetch")
     own_registry.stop()
     assert (mp / "data" / "small").read_bytes() == b"small file\n"  # served with the registry gone
     assert _read_errno(mp / "data" / "big") == errno.EIO  # never prefetched: not served, not wrong
@@ -145,7 +162,8 @@ def test_published_profile_is_fetched_first_by_another_store(tmp_path, own_regis
         assert not any(l["blob_local"] for l in layers)  # the indexes were published: no layer fetched
         data_layer = layers[1]["digest"][7:]
         present = other.store / "chunks" / data_layer / "present"
-        wait_until(lambda: present.exists() and any(present.read_bytes()), 60, "profile prefetch")
+        wanted = _profiled_chunks(cli, data_layer, "data/small")  # the publisher's whole index
+        wait_until(lambda: _all_present(present, wanted), 60, "profile prefetch")
         own_registry.stop()
         assert (mp_b / "data" / "small").read_bytes() == b"small file\n"  # served with the registry gone
         assert _read_errno(mp_b / "data" / "big") == errno.EIO  # not in the profile: never fetched
