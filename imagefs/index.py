@@ -212,6 +212,11 @@ class LayerIndex:
     def _windows_size(self) -> int:
         return max((p.window_offset + p.window_size for p in self.points), default=0)
 
+    @property
+    def serialized_size(self) -> int:
+        """Bytes of the serialised index (known once serialised or loaded: see windows_start)."""
+        return self.windows_start + self._windows_size
+
 
 def _lz4_decompress(data: bytes, what: str, part: str) -> bytes:
     d = lz4.frame.LZ4FrameDecompressor()

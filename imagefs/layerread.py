@@ -99,6 +99,18 @@ class _ZstdCursor:
         self._reader.close()
 
 
+def _region(index: LayerIndex, i: int) -> tuple[int, int, float]:
+    """Region *i*'s compressed end (the next seek point's coffset, or the blob's end), its
+    uncompressed end, and its compression ratio (compressed bytes per output byte)."""
+    point = index.points[i]
+    if i + 1 < len(index.points):
+        nxt = index.points[i + 1]
+        cend, uend = nxt.coffset, nxt.uoffset
+    else:
+        cend, uend = index.compressed_size, index.uncompressed_size
+    return cend, uend, (cend - point.coffset) / max(uend - point.uoffset, 1)
+
+
 class _GzipCursor:
     """An inflater positioned at uncompressed offset `pos` inside region `region`, fetching the
     region's compressed bytes as it goes (see the module docstring)."""
@@ -108,12 +120,7 @@ class _GzipCursor:
         self.region, self.pos = region, point.uoffset
         self._fetch, self._what = fetch, what
         self._cpos = point.coffset - (1 if point.bits else 0)
-        if region + 1 < len(index.points):
-            nxt = index.points[region + 1]
-            self._cend, uend = nxt.coffset, nxt.uoffset
-        else:
-            self._cend, uend = index.compressed_size, index.uncompressed_size
-        self._ratio = (self._cend - self._cpos) / max(uend - point.uoffset, 1)
+        self._cend, _, self._ratio = _region(index, region)
         self._chunk = index.chunk_size
         self._grow = 1
         self._inflater = zran.Inflater(bits=point.bits, window=window)
@@ -243,11 +250,9 @@ class LayerReader:
             return start, stop
         end = min(uoffset + max(length, 1), self.index.uncompressed_size)
         i = max(bisect.bisect_right(self._starts, end - 1) - 1, 0)
-        points = self.index.points
-        cstart, ustart = points[i].coffset, points[i].uoffset
-        cend = points[i + 1].coffset if i + 1 < len(points) else self.index.compressed_size
-        ratio = (cend - cstart) / max(self._region_end(i) - ustart, 1)
-        guess = cstart + int((end - ustart) * ratio * 1.1) + _MIN_FETCH
+        point = self.index.points[i]
+        _, _, ratio = _region(self.index, i)
+        guess = point.coffset + int((end - point.uoffset) * ratio * 1.1) + _MIN_FETCH
         return start, max(min(stop, guess), start + 1)
 
     # -- pieces -----------------------------------------------------------------------------------

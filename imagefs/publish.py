@@ -243,8 +243,8 @@ def verify_meta(data: bytes, ref: PublishedIndex, layer: Layer) -> LayerIndex:
     if (index.compressed_size, index.compression, index.root) != (layer.size, layer.compression, layer.root):
         raise InputError(what, f"describes a {index.compressed_size}-byte {index.compression} layer rooted at "
                                f"{index.root!r}; the image's is {layer.size} bytes, {layer.compression}, {layer.root!r}")
-    if index.windows_start + index._windows_size != ref.size:
-        raise InputError(what, f"{ref.size} bytes, its metadata says {index.windows_start + index._windows_size}")
+    if index.serialized_size != ref.size:
+        raise InputError(what, f"{ref.size} bytes, its metadata says {index.serialized_size}")
     return index
 
 
