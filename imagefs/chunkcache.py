@@ -7,7 +7,8 @@ A read names a byte range of the compressed blob; the chunks it touches that are
 fetched (neighbouring misses coalesced into one range request, at most `max_run` chunks each,
 `RUN_BYTES` by default),
 checked against the index's per-chunk sha256, written, fsynced, and only then marked present, so a
-crash never leaves a chunk marked that was not written. A chunk that fails its digest is fetched
+crash never leaves a chunk marked that was not written. (An eStargz layer has no compressed chunk
+digests: its data is checked once decompressed, and `forget_range` drops what failed.) A chunk that fails its digest is fetched
 once more and then reported as `ChunkCorrupt`: wrong bytes are never served.
 
 Concurrency: `read` is called from many worker threads. A chunk being fetched by one thread is
@@ -77,9 +78,17 @@ class ChunkCache:
 
     def forget(self) -> None:
         """Mark every chunk missing (the whole layer failed its digest: refetch it all)."""
+        self.forget_range(0, self.size)
+
+    def forget_range(self, start: int, end: int) -> None:
+        """Mark the chunks holding blob bytes [start, end) missing: they decoded to data that failed
+        a digest checked after decompression (eStargz), so they are fetched again."""
+        first, last = start // self.chunk_size, min(-(-end // self.chunk_size), self.nchunks)
+        if first >= last:
+            return
         with self._lock:
-            self._present = bytearray(self.nchunks)
-            os.pwrite(self._present_fd, bytes(self.nchunks), 0)
+            self._present[first:last] = bytes(last - first)
+            os.pwrite(self._present_fd, bytes(last - first), first)
 
     def read(self, start: int, length: int) -> bytes:
         """Bytes [start, start+length) of the blob (clamped to its end), fetching what is missing."""

@@ -205,12 +205,19 @@ def cmd_index(args: argparse.Namespace) -> int:
     layers = {layer.digest: layer for layer in image.layers}
     if not all(store.has_full_index(d) for d in layers):
         # Indexes an earlier pull took from a published artifact are held as metadata only:
-        # made whole from that (verified) artifact rather than rebuilt from the layers.
+        # made whole from that (verified) artifact rather than rebuilt from the layers. An
+        # eStargz layer has its TOC only: its index is built from the layer.
         from imagefs.publish import fetch_full_index
+        from stores.pull import index_whole_layer
 
         with options.open(record.source) as source:
             for layer in layers.values():
-                fetch_full_index(store, source, layer)
+                if store.has_full_index(layer.digest):
+                    continue
+                if store.has_toc(layer.digest):
+                    index_whole_layer(store, source, layer)
+                else:
+                    fetch_full_index(store, source, layer)
     index_sizes = {d: store.index_path(d).stat().st_size for d in layers}
     total_layers, total_indexes = sum(l.size for l in layers.values()), sum(index_sizes.values())
     if not args.quiet:

@@ -24,7 +24,11 @@ A remote reader fetches `meta_length(first 20 bytes)` bytes, calls `from_meta`, 
 only the windows it needs (`window_range`, `decode_window`); each window is checked against the
 sha256 in the metadata, which is what makes a range-fetched window trustworthy.
 
-Format versions (also for docs/): 1 — first version.
+Format versions (also for docs/): 1 — first version. 2 — an index made from an eStargz TOC
+(imagefs/estargz.py), kept only in the store beside the TOC it came from and never published: no
+compressed chunk digests and no windows; its seek points are gzip member starts
+(`zran.MEMBER_START`), and after the (empty) chunk digests come 32 bytes per seek point, the
+sha256 of that region's uncompressed bytes (zeros for the last point, which only marks the end).
 
 Concurrency: `build_index` is synchronous and single-threaded (run it in a worker thread). A
 LayerIndex is immutable in practice; `window`/`decode_window` only read it, so any thread may call
@@ -51,6 +55,8 @@ from stores.model import Compression
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+TOC_FORMAT_VERSION = 2  # an index made from an eStargz TOC (see the module docstring)
+_NO_DIGEST = bytes(32)
 MAGIC = b"IMGFSIDX"
 DEFAULT_SPAN = 1 << 20
 # Chunks are the unit of verification and of fetching: a lazy read fetches whole chunks, so they
@@ -94,6 +100,10 @@ class LayerIndex:
     `windows` is the windows section, or None when only the metadata was loaded (`from_meta`).
     `windows_start` is where that section begins in the serialised index (known once the index
     has been serialised or loaded).
+
+    `region_digests`, for an index made from an eStargz TOC (imagefs/estargz.py), is the sha256 of
+    each region's uncompressed bytes (b"" for none), which the reader checks on every decode; such
+    an index has no compressed chunk digests and is never serialised (the store keeps the TOC).
     """
 
     digest: str
@@ -109,6 +119,7 @@ class LayerIndex:
     windows: bytes | None = field(default=b"", repr=False)
     version: int = FORMAT_VERSION
     windows_start: int = field(default=0, compare=False, repr=False)
+    region_digests: list[bytes] | None = field(default=None, repr=False)
 
     # -- windows --------------------------------------------------------------------------------
 
@@ -160,8 +171,13 @@ class LayerIndex:
                                 p.window_length, p.window_digest)
         for d in self.chunk_digests:
             meta += d
+        version = self.version
+        if self.region_digests is not None:
+            version = TOC_FORMAT_VERSION
+            for d in self.region_digests:
+                meta += d or _NO_DIGEST
         block = lz4.frame.compress(bytes(meta), content_checksum=True)
-        prefix = _PREFIX.pack(MAGIC, self.version, len(block))
+        prefix = _PREFIX.pack(MAGIC, version, len(block))
         self.windows_start = len(prefix) + len(block)
         return prefix + block + self.windows
 
@@ -174,9 +190,14 @@ class LayerIndex:
         magic, version, meta_len = _PREFIX.unpack_from(head)
         if magic != MAGIC:
             raise InputError(what, "not an imagefs layer index (bad magic)")
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, TOC_FORMAT_VERSION):
             raise InputError(what, f"unsupported index format version {version} (this is {FORMAT_VERSION})")
         return _PREFIX.size + meta_len
+
+    @staticmethod
+    def format_version(head: bytes) -> int:
+        """The format version of a serialised index, from its first 20 bytes (0 if it is none)."""
+        return _PREFIX.unpack_from(head)[1] if len(head) >= _PREFIX.size and head[:8] == MAGIC else 0
 
     @classmethod
     def from_meta(cls, prefix: bytes, expected_digest: str) -> LayerIndex:
@@ -187,7 +208,7 @@ class LayerIndex:
             raise InputError(what, "truncated (metadata block incomplete)")
         meta = _lz4_decompress(prefix[_PREFIX.size:end], what, "metadata block")
         try:
-            index = _parse_meta(meta, what)
+            index = _parse_meta(meta, what, cls.format_version(prefix))
         except (struct.error, ValueError, IndexError) as e:  # ValueError covers UnicodeDecodeError
             raise InputError(what, f"corrupt metadata block: {e}") from None
         if index.digest != expected_digest:
@@ -229,8 +250,9 @@ def _lz4_decompress(data: bytes, what: str, part: str) -> bytes:
     return out
 
 
-def _parse_meta(meta: bytes, what: str) -> LayerIndex:
+def _parse_meta(meta: bytes, what: str, version: int) -> LayerIndex:
     """The metadata block's fields, validated; struct/Value/Index errors mean corruption."""
+    toc = version == TOC_FORMAT_VERSION
     (digest, comp, csize, usize, span, chunk_size, windows_size, n_entries, n_points, n_chunks,
      root_len) = _HEAD.unpack_from(meta, 0)
     pos = _HEAD.size
@@ -265,23 +287,33 @@ def _parse_meta(meta: bytes, what: str) -> LayerIndex:
         p = SeekPoint(*_POINT.unpack_from(meta, pos))
         pos += _POINT.size
         prev = points[-1] if points else None
-        if (p.bits > 7 or p.uoffset > usize or p.coffset > csize or (p.bits and not p.coffset)
+        member = toc and p.bits == zran.MEMBER_START and not p.window_size
+        if ((p.bits > 7 and not member) or p.uoffset > usize or p.coffset > csize
+                or (p.bits and not p.coffset and not member)
                 or p.window_length > zran.WINDOW_SIZE or p.window_offset + p.window_size > windows_size
                 or (prev is None and p.uoffset != 0)
                 or (prev is not None and (p.uoffset <= prev.uoffset or p.coffset < prev.coffset))):
             raise ValueError("bad seek point table")
         points.append(p)
     compression = _COMPRESSIONS[comp]
-    if (compression == "none") != (not points) and csize:
+    if toc and (compression != "gzip" or n_chunks or windows_size):
+        raise ValueError("an index from an eStargz TOC is gzip, without chunk digests or windows")
+    if not toc and (compression == "none") != (not points) and csize:
         raise ValueError("seek points do not fit the compression")
-    if n_chunks != -(-csize // chunk_size):
+    if not toc and n_chunks != -(-csize // chunk_size):
         raise ValueError("chunk digest count does not fit the size")
     digests = [_slice(meta, pos + 32 * i, 32) for i in range(n_chunks)]
     pos += 32 * n_chunks
+    regions = None
+    if toc:
+        regions = [_slice(meta, pos + 32 * i, 32) for i in range(n_points)]
+        pos += 32 * n_points
+        if regions:
+            regions[-1] = b""  # the end marker
     if pos != len(meta):
         raise ValueError("trailing bytes in the metadata block")
     index = LayerIndex("sha256:" + digest.hex(), csize, compression, usize, root, span, chunk_size,
-                       entries, points, digests)
+                       entries, points, digests, region_digests=regions)
     if index._windows_size != windows_size:
         raise ValueError("windows section size does not match the seek points")
     return index

@@ -13,6 +13,9 @@ the caller decides, and verifies with `verify_chunk`).
   point to its end, not the whole region. An idle cursor is kept to continue from where it
   stopped, so sequential reads decompress once; a read behind every cursor restarts from the
   region's seek point. A single-frame zstd layer has one region: it is read from its beginning.
+- eStargz (an index with `region_digests`, imagefs/estargz.py): each region is one chunk in a gzip
+  member of its own; it is decoded whole and checked against its digest before any of it is
+  cached or returned. Data that fails is dropped (`forget`) and fetched once more, then refused.
 
 Concurrency: every method is thread-safe (worker threads call `read` at once). One lock guards the
 cache, the in-flight table and the idle cursors; decompression and fetches run outside it (libz
@@ -119,7 +122,7 @@ class _GzipCursor:
         point = index.points[region]
         self.region, self.pos = region, point.uoffset
         self._fetch, self._what = fetch, what
-        self._cpos = point.coffset - (1 if point.bits else 0)
+        self._cpos = point.coffset - zran.lead_bytes(point.bits)
         self._cend, _, self._ratio = _region(index, region)
         self._chunk = index.chunk_size
         self._grow = 1
@@ -163,9 +166,12 @@ class LayerReader:
     """Reads of one layer's uncompressed tar stream (see the module docstring)."""
 
     def __init__(self, index: LayerIndex, fetch: Fetch, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 fetch_index: Fetch | None = None, max_cursors: int = 8) -> None:
+                 fetch_index: Fetch | None = None, max_cursors: int = 8,
+                 forget: Callable[[int, int], None] | None = None) -> None:
         """*fetch_index* range-reads the serialised index; needed only when *index* came from
-        `LayerIndex.from_meta` (windows not in memory) and the layer is gzip."""
+        `LayerIndex.from_meta` (windows not in memory) and the layer is gzip. *forget(start, end)*
+        drops compressed bytes that decoded to data failing its region digest (eStargz), so they
+        are fetched again; without it such a region fails at once."""
         if index.windows is None and fetch_index is None and index.compression == "gzip":
             raise ValueError("index has no windows section: pass fetch_index")
         self.index = index
@@ -173,6 +179,7 @@ class LayerReader:
         self.decoded = 0  # pieces decompressed so far (for stats and tests)
         self._fetch = fetch
         self._fetch_index = fetch_index
+        self._forget = forget
         self._what = f"layer {index.digest}"
         self._starts = [p.uoffset for p in index.points]
         self._piece = GZIP_PIECE if index.compression == "gzip" else index.span
@@ -236,7 +243,7 @@ class LayerReader:
         points = self.index.points
         first = max(bisect.bisect_right(self._starts, uoffset) - 1, 0)
         last = bisect.bisect_right(self._starts, max(end - 1, uoffset)) - 1
-        start = points[first].coffset - (1 if points[first].bits else 0)
+        start = points[first].coffset - zran.lead_bytes(points[first].bits)
         stop = points[last + 1].coffset if last + 1 < len(points) else self.index.compressed_size
         return max(start, 0), stop
 
@@ -323,6 +330,8 @@ class LayerReader:
     def _decode_locked(self, key: _Key, start: int, stop: int) -> bytes:
         with self._lock:
             self.decoded += 1
+        if self.index.region_digests is not None:
+            return self._decode_verified(key[0], start, stop)
         region = key[0]
         with self._lock:  # the idle cursor of this region furthest along but not past the piece
             usable = [c for c in self._cursors if c.region == region and c.pos <= start]
@@ -352,6 +361,31 @@ class LayerReader:
         else:
             cursor.close()
         return data
+
+    def _decode_verified(self, region: int, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of a region with a digest (eStargz): the whole region is decoded and
+        checked before any of it is used or cached. Bad data is fetched once more, then refused."""
+        region_start, region_end = self._starts[region], self._region_end(region)
+        assert self.index.region_digests is not None
+        expected = self.index.region_digests[region]
+        for attempt in (1, 2):
+            cursor = self._new_cursor(region)
+            try:
+                data = cursor.read_exact(region_end - region_start)
+                problem = "" if hashlib.sha256(data).digest() == expected else "does not match its chunkDigest"
+            except zran.ZlibError as e:
+                problem = f"does not inflate: {e}"
+            finally:
+                cursor.close()
+            if not problem:
+                break
+            if attempt == 2 or self._forget is None:
+                raise InputError(self._what, f"the eStargz chunk at blob offset "
+                                             f"{self.index.points[region].coffset} {problem}")
+            self._forget(*self.compressed_extent(region_start, region_end - region_start))
+        for k, at in enumerate(range(0, len(data), self._piece)):
+            self._put((region, k), data[at:at + self._piece])
+        return data[start - region_start:stop - region_start]
 
     def _new_cursor(self, region: int) -> _Cursor:
         if self.index.compression == "zstd":

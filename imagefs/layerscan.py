@@ -68,7 +68,7 @@ _TYPES = {
 }
 
 
-class _EntryMaker:
+class EntryMaker:
     """Turns TarInfos into normalised Entries, or None for members that are skipped or dropped."""
 
     def __init__(self, root: str, warn: Callable[[str], None], what: str) -> None:
@@ -435,7 +435,7 @@ def _pieces(chunks: Iterator[bytes], hasher: _BlobHasher, decoder: _Decoder) -> 
     yield from decoder.finish()
 
 
-def _scan_tar(source: _TarSource, maker: _EntryMaker) -> list[Entry]:
+def _scan_tar(source: _TarSource, maker: EntryMaker) -> list[Entry]:
     try:
         tf = tarfile.open(fileobj=source, mode="r|", encoding="utf-8", errors="surrogateescape",
                           tarinfo=_StrictTarInfo)
@@ -465,7 +465,7 @@ def scan_layer(chunks: Iterable[bytes], *, digest: str, size: int, compression: 
     or climbing paths are dropped with a message to *warn* (default: this module's logger).
     """
     what = f"layer {digest}"
-    maker = _EntryMaker(root, warn or log.warning, what)
+    maker = EntryMaker(root, warn or log.warning, what)
     hasher = _BlobHasher(what, size, chunk_size)
     decoder: _Decoder = _Plain() if compression == "none" else _Gzip(span) if compression == "gzip" else _Zstd(span)
     chunk_iter = iter(chunks)

@@ -171,7 +171,8 @@ class Prefetcher:
         cache = data.cache
         if cache is None:
             return
-        if not self.store.has_full_index(data.layer.digest):  # every window, for reads offline
+        digest = data.layer.digest
+        if not (self.store.has_full_index(digest) or self.store.has_toc(digest)):  # every window, offline
             self._yield_to_reads()
             from imagefs.publish import fetch_full_index  # here: not on the mount's start-up path
 

@@ -237,6 +237,9 @@ def verify_meta(data: bytes, ref: PublishedIndex, layer: Layer) -> LayerIndex:
     what = f"published index {ref.digest}"
     if len(data) != ref.meta_size or LayerIndex.meta_length(data[:20], layer.digest) != ref.meta_size:
         raise InputError(what, "metadata block does not match its annotations")
+    if LayerIndex.format_version(data) != FORMAT_VERSION:  # a TOC-made index stays where it was made
+        raise InputError(what, f"index format {LayerIndex.format_version(data)}, published indexes are "
+                               f"{FORMAT_VERSION}")
     if sha256_digest(data) != ref.meta_digest:
         raise InputError(what, "metadata block does not match its annotations")
     index = LayerIndex.from_meta(data, layer.digest)
@@ -463,6 +466,9 @@ def artifact_for(store: Store, image: Image, source: Source | None = None) -> Ar
         if layer.digest in seen:
             continue
         seen.add(layer.digest)
+        if not store.has_full_index(layer.digest) and store.has_toc(layer.digest):
+            raise NotFound(f"layer {layer.digest}", "is read through its eStargz TOC and has no index of "
+                                                    "its own (`imagefs index --push` builds one)")
         try:
             if source is not None and not store.has_full_index(layer.digest) and store.has_index(layer.digest):
                 data = fetch_full_index(store, source, layer)

@@ -115,7 +115,8 @@ class ImageView:
         tree = Tree.build([ix.entries for ix in indexes],
                           warn=lambda msg: log.warning("image %s: %s", record.id[:12], msg))
         data = [cls._layer_data(store, layer, ix, source) for layer, ix in zip(record.image.layers, indexes)]
-        readers = [LayerReader(ix, d.fetch, fetch_index=f) for ix, d, f in zip(indexes, data, window_fetches)]
+        readers = [LayerReader(ix, d.fetch, fetch_index=f, forget=d.cache.forget_range if d.cache else None)
+                   for ix, d, f in zip(indexes, data, window_fetches)]
         return cls(record, tree, readers, data, source)
 
     @staticmethod
@@ -123,6 +124,17 @@ class ImageView:
         """The layer's index, and for one held only as metadata, how to range-read its windows:
         from the whole index once the store has it (the prefetcher fetches it), else from the
         published blob in the registry (each window is checked against the metadata)."""
+        if layer.toc_digest and store.has_toc(layer.digest):
+            # First: an eStargz layer looks the same whichever index the store holds for it (a
+            # full index of its tar would show its landmark and TOC files).
+            made = store.read_toc_index(layer.digest)
+            if made is not None:
+                return LayerIndex.from_bytes(made, layer.digest), None
+            from imagefs.estargz import index_from_toc
+
+            warn = lambda msg: log.warning("layer %s: %s", layer.digest[:19], msg)  # noqa: E731
+            return index_from_toc(store.read_toc(layer.digest), digest=layer.digest, size=layer.size,
+                                  toc_digest=layer.toc_digest, warn=warn), None
         if store.has_full_index(layer.digest):
             return LayerIndex.from_bytes(store.read_index(layer.digest), layer.digest), None
         meta, remote = store.read_index_meta(layer.digest)
@@ -150,8 +162,11 @@ class ImageView:
         if not isinstance(parse_reference(source.reference), DockerReference):
             # OCI layouts, docker archives and ACIs are files here already: no second copy.
             return LayerData(layer, remote)
+        # An eStargz index has no compressed chunk digests: its reader checks each region once
+        # decompressed, and drops (forget_range) what failed.
+        digests = index.chunk_digests if index.region_digests is None else None
         cache = ChunkCache(store.chunks_dir(layer.digest), layer.size, index.chunk_size,
-                           index.chunk_digests, remote, what=f"layer {layer.digest}")
+                           digests, remote, what=f"layer {layer.digest}")
         return LayerData(layer, cache.read, cache=cache)
 
     def read(self, ino: Inode, offset: int, size: int) -> bytes:

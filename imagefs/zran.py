@@ -37,6 +37,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 WINDOW_SIZE = 32768  # deflate's maximum back-reference distance
+# A seek point's `bits` value saying its coffset is the first byte of a gzip member's *header*
+# (eStargz puts one before every file chunk): inflation starts there with gzip framing, no window.
+MEMBER_START = 8
 _OUT_SIZE = 256 * 1024  # output produced per piece: big enough that Python overhead is noise
 
 # zlib.h constants.
@@ -239,6 +242,11 @@ class GzipScanner:
             self.close()
 
 
+def lead_bytes(bits: int) -> int:
+    """How many bytes before a seek point's coffset its compressed data starts (the partial byte)."""
+    return 1 if 0 < bits < MEMBER_START else 0
+
+
 def inflate_span(data: bytes, *, bits: int, window: bytes, length: int) -> bytes:
     """Exactly *length* uncompressed bytes following a seek point.
 
@@ -294,23 +302,26 @@ def inflate_span(data: bytes, *, bits: int, window: bytes, length: int) -> bytes
 class Inflater:
     """Inflation restarted at a seek point and fed its compressed bytes piece by piece.
 
-    `feed(data)` appends compressed bytes (the first piece starts at `coffset - 1` when bits > 0,
-    else at `coffset`, as for `inflate_span`); `read(n)` returns up to *n* uncompressed bytes from
+    `feed(data)` appends compressed bytes (the first piece starts at `coffset - lead_bytes(bits)`,
+    as for `inflate_span`; bits may also be MEMBER_START); `read(n)` returns up to *n* uncompressed bytes from
     what has been fed: fewer only when it needs more input (`needs_input` is then true). Gzip
     member boundaries are crossed as in `inflate_span`. Raises ZlibError on corrupt data.
     Always `close()` it (frees the z_stream).
     """
 
     def __init__(self, *, bits: int, window: bytes) -> None:
-        if not 0 <= bits <= 7 or len(window) > WINDOW_SIZE:
+        member = bits == MEMBER_START
+        if not (0 <= bits <= 7 or (member and not window)) or len(window) > WINDOW_SIZE:
             raise ValueError("bad seek point")
-        self._strm: _ZStream | None = _new_stream(_RAW_WBITS)
-        self._bits = bits
+        self._strm: _ZStream | None = _new_stream(_GZIP_WBITS if member else _RAW_WBITS)
+        self._bits = 0 if member else bits
         self._window = window
         self._primed = False
         self._buf = b""  # fed bytes; libz has consumed _buf[:_off]
         self._off = 0
-        self._raw = True  # still in the point's own member (raw: its trailer is skipped by hand)
+        # Still in the point's own member, inflated raw (its trailer is skipped by hand); a point
+        # at a member's header is inflated with gzip framing from the start.
+        self._raw = not member
         self._member_end = False  # a member ended; the next read starts the next one
         self._starved = False  # the last read stopped inside a trailer: it needs more bytes
         self.total_in = 0  # compressed bytes fed so far

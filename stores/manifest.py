@@ -7,6 +7,7 @@ manifest of an index and the config blob), and it verifies each against its dige
 from __future__ import annotations
 
 import json
+import logging
 import platform as _platform
 from typing import Any
 
@@ -21,6 +22,7 @@ from stores.model import (
     APPC_ACI_GZIP,
     APPC_ACI_TAR,
     APPC_ROOT,
+    ESTARGZ_TOC_ANNOTATION,
     Descriptor,
     Image,
     ImageConfig,
@@ -28,6 +30,8 @@ from stores.model import (
     Platform,
 )
 from stores.source import ManifestBytes, Source
+
+log = logging.getLogger(__name__)
 
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x"}
 
@@ -143,8 +147,22 @@ def parse_layers(doc: dict[str, Any], what: str) -> tuple[Layer, ...]:
         if compression is None:
             raise InputError(what, f"unknown layer media type {d.media_type!r} (layer {d.digest})")
         root = APPC_ROOT if d.media_type in (APPC_ACI_TAR, APPC_ACI_GZIP) else ""
-        out.append(Layer(d.digest, d.media_type, d.size, compression, root))
+        out.append(Layer(d.digest, d.media_type, d.size, compression, root, _toc_digest(d, compression, what)))
     return tuple(out)
+
+
+def _toc_digest(d: Descriptor, compression: str, what: str) -> str:
+    """The eStargz TOC digest the descriptor's annotation names, or "" (not eStargz, or an
+    annotation that is no digest: then the layer is read as a plain gzip layer, which it also is)."""
+    value = d.annotations.get(ESTARGZ_TOC_ANNOTATION, "")
+    if not value or compression != "gzip":
+        return ""
+    try:
+        return check_digest(value, "eStargz TOC digest")
+    except InputError:
+        log.warning("%s: layer %s: ignoring its eStargz TOC annotation %r (not a sha256 digest)",
+                    what, d.digest, value[:80])
+        return ""
 
 
 def resolve(source: Source, want: Platform | None = None, *, max_depth: int = 2) -> Image:

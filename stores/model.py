@@ -69,12 +69,18 @@ class Platform:
         return f"{s}/{self.variant}" if self.variant else s
 
 
+# The annotation of an eStargz layer's descriptor that holds its TOC's digest (imagefs/estargz.py).
+ESTARGZ_TOC_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+
+
 @dataclass(frozen=True)
 class Layer:
     """One layer of an image, bottom-most first in `Image.layers`.
 
     `root` is the path prefix inside the tar that is the filesystem root: "" for OCI/Docker layers,
     "rootfs/" for Appc ACIs, whose tar also holds the ACI manifest beside the tree.
+    `toc_digest`: for an eStargz layer, the digest of its TOC (the descriptor's
+    containerd.io/snapshot/stargz/toc.digest annotation); "" for every other layer.
     """
 
     digest: str
@@ -82,6 +88,7 @@ class Layer:
     size: int
     compression: Compression
     root: str = ""
+    toc_digest: str = ""
 
 
 @dataclass(frozen=True)

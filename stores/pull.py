@@ -1,6 +1,8 @@
 """Pull: reference -> source -> verified manifest, config and layer indexes in the store.
 
-A layer's index comes, in order of preference, from the store; from an index artifact published
+A layer's index comes, in order of preference, from the store; for an eStargz layer, from its own
+TOC (imagefs/estargz.py: read from the blob's tail and checked against the layer's annotation);
+from an index artifact published
 beside the image in its registry (imagefs/publish.py: found through the referrers API or tag, and
 checked against the layer it names before it is stored; then the layer is not fetched at all); or
 from the layer itself, fetched whole once (resumable, verified), indexed in one streaming pass, and
@@ -86,6 +88,9 @@ def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
         published = (published_indexes(source, image, want_profile=not store.has_profile(image.id))
                      if use_published and not all_layers else None)
         try:
+            if not all_layers:
+                _take_tocs(store, source, list(image.layers))
+                _keep_prioritized(store, image)
             if published is not None:
                 _prefetch_published(store, published, list(image.layers))
             for layer in image.layers:
@@ -96,7 +101,9 @@ def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
         finally:
             if published is not None:
                 published.close()  # its profile fetch uses the source, which closes below
-        if push_index and not already_published(store, image, published):
+        if push_index and all(store.has_toc(layer.digest) for layer in image.layers):
+            log.info("%s: every layer is eStargz, read through its own TOC: no index to publish", reference)
+        elif push_index and not already_published(store, image, published):
             from imagefs.publish import publish
             from stores.registry import RegistrySource
 
@@ -173,16 +180,89 @@ def ensure_layer(store: Store, source: Source, layer: Layer, *, keep_blob: bool,
         if store.has_index(layer.digest) and (not keep_blob or store.has_blob(layer.digest)):
             progress.layer_done(layer)  # published, or done by another pull while we waited
             return
-        had_blob = store.has_blob(layer.digest)
-        path = store.fetch_blob_locked(
-            layer.digest, layer.size,
-            lambda offset: source.open_blob(layer.digest, layer.size, offset),
-            lambda n: progress.advance(layer, n))
-        if not store.has_full_index(layer.digest):
-            store.put_index(layer.digest, build_layer_index(path, layer))
-        if not keep_blob and not had_blob:
-            path.unlink()
+        _index_from_blob(store, source, layer, keep_blob=keep_blob, progress=progress)
     progress.layer_done(layer)
+
+
+def index_whole_layer(store: Store, source: Source, layer: Layer) -> None:
+    """Build the layer's own index from its blob (fetched for it, kept only if it was here), even
+    if the store holds its eStargz TOC: what publishing an index needs."""
+    with store.blob_lock(layer.digest):
+        if not store.has_full_index(layer.digest):
+            _index_from_blob(store, source, layer, keep_blob=False, progress=PullProgress())
+
+
+def _index_from_blob(store: Store, source: Source, layer: Layer, *, keep_blob: bool,
+                     progress: PullProgress) -> None:
+    """Fetch the blob (resumable, verified) and index it in one pass; the caller holds its lock."""
+    had_blob = store.has_blob(layer.digest)
+    path = store.fetch_blob_locked(
+        layer.digest, layer.size,
+        lambda offset: source.open_blob(layer.digest, layer.size, offset),
+        lambda n: progress.advance(layer, n))
+    if not store.has_full_index(layer.digest):
+        store.put_index(layer.digest, build_layer_index(path, layer))
+    if not keep_blob and not had_blob:
+        path.unlink()
+
+
+def _take_tocs(store: Store, source: Source, layers: list[Layer]) -> None:
+    """Keep the TOC of every eStargz layer that has no index yet (read from the blob's tail, all
+    layers at once): such a layer needs no index built or published. A TOC that cannot be read or
+    does not match its annotation is a warning, and the layer is indexed as a plain gzip layer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = list({layer.digest: layer for layer in layers
+                   if layer.toc_digest and not store.has_index(layer.digest)}.values())
+    if not wanted:
+        return
+
+    def one(layer: Layer) -> None:
+        from imagefs.estargz import fetch_toc, index_from_toc
+
+        with store.blob_lock(layer.digest):
+            if store.has_index(layer.digest):
+                return
+            try:
+                member = fetch_toc(lambda start, n: source.read_range(layer.digest, start, n),
+                                   layer.size, layer.toc_digest, f"layer {layer.digest}")
+                # Usable, not only authentic: a TOC the mount would refuse (malformed, or in a
+                # form not read here) must not make the image unmountable when its layer is
+                # also a plain gzip tar. The index made here is kept: mounts load it, not the TOC.
+                warn = lambda msg: log.warning("layer %s: %s", layer.digest[:19], msg)  # noqa: E731
+                index = index_from_toc(member, digest=layer.digest, size=layer.size,
+                                       toc_digest=layer.toc_digest, warn=warn)
+            except InputError as e:
+                log.warning("%s; indexing it as a plain gzip layer", e)
+                return
+            store.put_toc(layer.digest, member, index.to_bytes())
+
+    if len(wanted) == 1:
+        one(wanted[0])
+        return
+    with ThreadPoolExecutor(min(len(wanted), 8), thread_name_prefix="imagefs-toc") as pool:
+        for future in [pool.submit(one, layer) for layer in wanted]:
+            future.result()
+
+
+def _keep_prioritized(store: Store, image: Image) -> None:
+    """An eStargz image carries its access profile: the prioritized files of its layers (those
+    before their `.prefetch.landmark`). Kept as the image's profile unless it has one."""
+    from imagefs.estargz import prioritized_paths
+
+    if store.has_profile(image.id):
+        return
+    paths: dict[str, None] = {}
+    for layer in image.layers:
+        if layer.toc_digest and store.has_toc(layer.digest):
+            try:
+                found = prioritized_paths(store.read_toc(layer.digest), toc_digest=layer.toc_digest,
+                                          what=f"layer {layer.digest}")
+            except (InputError, ValueError):
+                continue  # the index built from it reports what is wrong
+            paths.update(dict.fromkeys(found))
+    if paths:
+        store.put_profile(image.id, list(paths))
 
 
 def _take_published(store: Store, published: PublishedIndexes, layer: Layer) -> None:

@@ -8,6 +8,9 @@ Layout (../DESIGN.md "On-disk layout"):
     STORE/indexes/<layer-hex>.meta   or only an index's metadata part, when the index came from a
       and <layer-hex>.remote.json    published artifact: its windows are range-read from the index
                                      blob in the registry (remote.json: that blob's descriptor)
+    STORE/indexes/<layer-hex>.toc    or, for an eStargz layer, its TOC: the gzip member exactly as
+      and <layer-hex>.tocindex       in the blob (imagefs/estargz.py), and the index made from it
+                                     (format 2), which is what a mount loads
     STORE/chunks/<layer-hex>/        lazily fetched pieces of layers
     STORE/images/<image-id>/         manifest, config, source.json (where lazy reads go), and
                                      profile.json: the image's access profile, when it has one
@@ -219,8 +222,10 @@ class Store:
 
     # -- indexes -----------------------------------------------------------------------------
     def has_index(self, layer_digest: str) -> bool:
-        """Whether the layer has an index here: whole, or its metadata part (windows remote)."""
-        return self.has_full_index(layer_digest) or self.index_meta_path(layer_digest).is_file()
+        """Whether the layer has an index here: whole, its metadata part (windows remote), or its
+        eStargz TOC."""
+        return (self.has_full_index(layer_digest) or self.index_meta_path(layer_digest).is_file()
+                or self.has_toc(layer_digest))
 
     def has_full_index(self, layer_digest: str) -> bool:
         return self.index_path(layer_digest).is_file()
@@ -243,6 +248,31 @@ class Store:
             remote = json.loads(self._index_remote_path(layer_digest).read_bytes())
             return self.index_meta_path(layer_digest).read_bytes(), remote
         except (FileNotFoundError, json.JSONDecodeError):
+            raise NotFound(f"layer {layer_digest}", "no index in the store (pull the image again)") from None
+
+    def toc_path(self, layer_digest: str) -> Path:
+        return self.root / "indexes" / f"{hex_of(layer_digest)}.toc"
+
+    def has_toc(self, layer_digest: str) -> bool:
+        return self.toc_path(layer_digest).is_file()
+
+    def put_toc(self, layer_digest: str, member: bytes, index: bytes) -> None:
+        """Keep an eStargz layer's TOC (its gzip member, verified by the caller) and the index
+        made from it (written first: a .toc file always has its index)."""
+        atomic_write(self.root / "indexes" / f"{hex_of(layer_digest)}.tocindex", index)
+        atomic_write(self.toc_path(layer_digest), member)
+
+    def read_toc_index(self, layer_digest: str) -> bytes | None:
+        """The index made from the layer's TOC, if the store has it."""
+        try:
+            return (self.root / "indexes" / f"{hex_of(layer_digest)}.tocindex").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def read_toc(self, layer_digest: str) -> bytes:
+        try:
+            return self.toc_path(layer_digest).read_bytes()
+        except FileNotFoundError:
             raise NotFound(f"layer {layer_digest}", "no index in the store (pull the image again)") from None
 
     def put_index(self, layer_digest: str, data: bytes) -> None:

@@ -1,0 +1,334 @@
+"""eStargz layers, read lazily through their own table of contents: no index to build or publish.
+
+An eStargz blob (the stargz-snapshotter ecosystem's format, docs/estargz.md there) is an ordinary
+gzip tar written so that every regular file's data, in chunks, begins a gzip member of its own. The
+last tar entry, `stargz.index.json` (the TOC), sits in its own member, and a 51-byte footer (an empty
+gzip member whose extra field holds "%016xSTARGZ" % toc_offset) ends the blob. The TOC lists every
+entry with its metadata and, for each data chunk, the offset of its member and the sha256 of its
+uncompressed bytes (`chunkDigest`). The TOC itself is trusted through the layer descriptor's
+annotation `containerd.io/snapshot/stargz/toc.digest` (the manifest is verified by digest).
+
+`index_from_toc` turns a TOC into a `LayerIndex` over a *virtual* uncompressed stream: the files'
+data only, chunk after chunk in blob order (the tar headers between them are never read, so they
+get no place in it). Each chunk is a seek point at its member's header (`zran.MEMBER_START`), and
+its chunkDigest is that region's digest (`LayerIndex.region_digests`): the reader checks every
+region it decodes against it, which is what makes range reads of an eStargz layer trustworthy.
+
+`fetch_toc` finds and verifies the TOC with one range read of the blob's tail, sized from the
+layer's size (two reads when the TOC is larger than that guess). The store keeps the TOC's gzip
+member as it is in the blob, and its length gives the TOC's offset; beside it, the index made
+from it (format 2), which is what a mount loads.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import re
+import tarfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from imagefs import zran
+from imagefs.entry import Entry
+from imagefs.errors import DigestMismatch, InputError
+from imagefs.index import DEFAULT_CHUNK_SIZE, DEFAULT_SPAN, LayerIndex, SeekPoint
+from imagefs.layerscan import EntryMaker
+
+TOC_NAME = "stargz.index.json"
+FOOTER_SIZE = 51
+# The first range read of a layer's tail is a guess at its TOC's size: TOCs run at 0.5-0.7% of
+# their layer (some 50 compressed bytes per entry, an entry per ~8 KB of layer), so 1/TAIL_SHARE
+# of the layer plus MIN_TAIL, at most TAIL_BYTES, usually holds the TOC and the footer in one
+# request without fetching much else. A TOC larger than the guess costs a second request.
+TAIL_BYTES = 4 << 20
+TAIL_SHARE = 128
+MIN_TAIL = 16 << 10
+MAX_TOC_MEMBER = 64 << 20  # compressed; a TOC is ~100 bytes per entry
+MAX_TOC_JSON = 512 << 20
+MAX_CHUNK = 64 << 20  # a region is decoded whole to be verified: bound what one read may cost
+# Files the eStargz writer adds to mark where its prioritized files end; not part of the image.
+LANDMARKS = (b".prefetch.landmark", b".no.prefetch.landmark")
+
+_FOOTER_PAYLOAD = re.compile(rb"([0-9a-f]{16})STARGZ")
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", re.ASCII)
+_TAR_TYPES = {"dir": tarfile.DIRTYPE, "reg": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE,
+              "hardlink": tarfile.LNKTYPE, "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE,
+              "fifo": tarfile.FIFOTYPE}
+
+
+def toc_offset(footer: bytes, blob_size: int, what: str) -> int:
+    """The TOC's offset from the blob's last FOOTER_SIZE bytes; InputError if they are no footer."""
+    if len(footer) != FOOTER_SIZE or footer[:4] != b"\x1f\x8b\x08\x04":
+        raise InputError(what, "no eStargz footer at the end of the layer")
+    xlen, sub, sublen = int.from_bytes(footer[10:12], "little"), footer[12:14], int.from_bytes(footer[14:16], "little")
+    m = _FOOTER_PAYLOAD.fullmatch(footer[16:38])
+    if xlen != 26 or sub != b"SG" or sublen != 22 or m is None:
+        raise InputError(what, "no eStargz footer at the end of the layer")
+    try:
+        if zlib.decompress(footer, wbits=31) != b"":
+            raise zlib.error("not empty")
+    except zlib.error:
+        raise InputError(what, "the eStargz footer is not an empty gzip member") from None
+    offset = int(m.group(1), 16)
+    if offset > blob_size - FOOTER_SIZE:
+        raise InputError(what, f"eStargz TOC offset {offset} is past the end of the layer")
+    return offset
+
+
+def read_toc_member(member: bytes, toc_digest: str, what: str) -> bytes:
+    """The TOC JSON from its gzip member, checked against *toc_digest* (the layer's annotation)."""
+    d = zlib.decompressobj(wbits=31)
+    try:
+        tar = d.decompress(member, MAX_TOC_JSON + 4096)
+    except zlib.error as e:
+        raise InputError(what, f"eStargz TOC does not inflate: {e}") from None
+    if not d.eof or d.unused_data or d.unconsumed_tail:
+        raise InputError(what, "eStargz TOC is not exactly one gzip member (or is too large)")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as tf:
+            info = tf.next()
+            if info is None or info.name != TOC_NAME or not info.isreg():
+                raise InputError(what, f"eStargz TOC member holds no {TOC_NAME}")
+            f = tf.extractfile(info)
+            assert f is not None
+            toc = f.read()
+    except tarfile.TarError as e:
+        raise InputError(what, f"eStargz TOC is not a tar: {e}") from None
+    actual = "sha256:" + hashlib.sha256(toc).hexdigest()
+    if actual != toc_digest:
+        raise DigestMismatch(f"{what}: eStargz TOC", toc_digest, actual)
+    return toc
+
+
+def fetch_toc(read_range: Callable[[int, int], bytes], size: int, toc_digest: str, what: str) -> bytes:
+    """The layer's TOC gzip member (verified), read from the end of the blob."""
+    if size < FOOTER_SIZE:
+        raise InputError(what, "too small to be an eStargz layer")
+    tail_start = max(size - min(TAIL_BYTES, size // TAIL_SHARE + MIN_TAIL), 0)
+    tail = read_range(tail_start, size - tail_start)
+    offset = toc_offset(tail[-FOOTER_SIZE:], size, what)
+    end = size - FOOTER_SIZE
+    if end - offset > MAX_TOC_MEMBER:
+        raise InputError(what, f"eStargz TOC is {end - offset} bytes (more than {MAX_TOC_MEMBER})")
+    member = tail[offset - tail_start:end - tail_start] if offset >= tail_start else read_range(offset, end - offset)
+    read_toc_member(member, toc_digest, what)
+    return member
+
+
+@dataclass
+class _Chunk:
+    coffset: int
+    chunk_offset: int
+    digest: bytes
+    size: int = 0  # filled in once the file's chunks are all known
+
+
+def index_from_toc(member: bytes, *, digest: str, size: int, toc_digest: str,
+                   warn: Callable[[str], None]) -> LayerIndex:
+    """The layer's index (virtual layout: see the module docstring) from its TOC gzip member as
+    `fetch_toc` returned it. InputError names the layer for anything malformed or inconsistent."""
+    what = f"layer {digest}"
+    toc_at = size - FOOTER_SIZE - len(member)
+    if toc_at < 0:
+        raise InputError(what, "eStargz TOC is larger than the layer")
+    try:
+        doc = json.loads(read_toc_member(member, toc_digest, what))
+    except (ValueError, RecursionError) as e:
+        raise InputError(what, f"eStargz TOC is not JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get("entries"), list):
+        raise InputError(what, "eStargz TOC: not a version 1 TOC with an entries list")
+    maker = EntryMaker("", warn, what)
+    infos: list[tuple[tarfile.TarInfo, list[_Chunk]]] = []
+    chunks_of: dict[str, list[_Chunk]] = {}  # a regular file's chunks, by TOC name
+    mtimes: dict[str, str] = {}
+    for n, raw in enumerate(doc["entries"]):
+        fields = _Fields(raw, n, what)
+        name, kind = fields.text("name", required=True), fields.text("type", required=True)
+        if kind == "chunk":
+            chunks = chunks_of.get(name)
+            if chunks is None:
+                raise InputError(what, f"eStargz TOC entry {n}: chunk of {name!r} before its file")
+            chunks.append(_Chunk(fields.number("offset", required=True), fields.number("chunkOffset", required=True),
+                                 fields.digest("chunkDigest")))
+            continue
+        tar_type = _TAR_TYPES.get(kind)
+        if tar_type is None:
+            warn(f"dropping {name!r}: unsupported eStargz TOC entry type {kind!r}")
+            continue
+        ti = tarfile.TarInfo(name)
+        ti.type = tar_type
+        ti.mode = fields.number("mode") & 0o7777
+        ti.uid, ti.gid = fields.number("uid"), fields.number("gid")
+        ti.linkname = fields.text("linkName")
+        ti.devmajor, ti.devminor = fields.number("devMajor"), fields.number("devMinor")
+        modtime = fields.text("modtime")
+        mtime = mtimes.get(modtime)
+        if mtime is None:  # most entries of a layer share a handful of times
+            mtime = mtimes[modtime] = _mtime(modtime, what, n)
+        ti.pax_headers = {"mtime": mtime}
+        for key, value in fields.xattrs().items():
+            ti.pax_headers["SCHILY.xattr." + key] = value
+        chunks = []
+        if kind == "reg":
+            ti.size = fields.number("size")
+            if ti.size:
+                chunks = [_Chunk(fields.number("offset", required=True), fields.number("chunkOffset"),
+                                 fields.digest("chunkDigest"))]
+            chunks_of[name] = chunks
+        infos.append((ti, chunks))
+
+    # Lay the data out: every chunk of every file, in blob order, back to back.
+    ordered: list[_Chunk] = []
+    for ti, chunks in infos:
+        _size_chunks(ti, chunks, what)
+        ordered.extend(chunks)
+    ordered.sort(key=lambda c: c.coffset)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.coffset == b.coffset:
+            raise InputError(what, f"eStargz TOC: two chunks at blob offset {a.coffset}")
+    if ordered and ordered[-1].coffset >= toc_at:
+        raise InputError(what, "eStargz TOC: a chunk lies past the TOC")
+    uoffset_of: dict[int, int] = {}
+    points: list[SeekPoint] = []
+    region_digests: list[bytes] = []
+    usize = 0
+    for c in ordered:
+        uoffset_of[id(c)] = usize
+        points.append(SeekPoint(usize, c.coffset, zran.MEMBER_START))
+        region_digests.append(c.digest)
+        usize += c.size
+    if points:  # the last chunk's member ends where the TOC's begins
+        points.append(SeekPoint(usize, toc_at, zran.MEMBER_START))
+        region_digests.append(b"")
+
+    entries: list[Entry] = []
+    for ti, chunks in infos:
+        if chunks:
+            starts = [uoffset_of[id(c)] for c in chunks]
+            if starts != [starts[0] + c.chunk_offset for c in chunks]:
+                raise InputError(what, f"eStargz TOC: the chunks of {ti.name!r} are not consecutive in the blob")
+            ti.offset_data = starts[0]
+        entry = maker.make(ti)
+        if entry is None or entry.path in LANDMARKS:
+            continue
+        entries.append(entry)
+    return LayerIndex(digest, size, "gzip", usize, "", DEFAULT_SPAN, DEFAULT_CHUNK_SIZE, entries, points, [],
+                      b"", region_digests=region_digests)
+
+
+def prioritized_paths(member: bytes, *, toc_digest: str, what: str) -> list[str]:
+    """The layer's prioritized files (its built-in access profile): the regular files before its
+    `.prefetch.landmark`, as normal relative paths, in order; [] when it has none."""
+    doc = json.loads(read_toc_member(member, toc_digest, what))
+    paths: list[str] = []
+    for raw in doc.get("entries", []) if isinstance(doc, dict) else []:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            continue
+        name = "/".join(p for p in raw["name"].split("/") if p and p != ".")
+        if name == LANDMARKS[0].decode():
+            return paths
+        if raw.get("type") == "reg" and name and ".." not in name.split("/"):
+            paths.append(name)
+    return []  # no landmark: nothing is prioritized
+
+
+def _size_chunks(ti: tarfile.TarInfo, chunks: list[_Chunk], what: str) -> None:
+    """Each chunk's size from the next one's chunkOffset (the last: to the file's end), checked."""
+    if not chunks:
+        return
+    if chunks[0].chunk_offset != 0:
+        raise InputError(what, f"eStargz TOC: {ti.name!r} does not start with its first chunk")
+    ends = [c.chunk_offset for c in chunks[1:]] + [ti.size]
+    for c, end in zip(chunks, ends):
+        c.size = end - c.chunk_offset
+        if c.size <= 0 or c.size > MAX_CHUNK:
+            raise InputError(what, f"eStargz TOC: {ti.name!r} has a chunk of {c.size} bytes at {c.chunk_offset}")
+
+
+def _mtime(text: str, what: str, n: int) -> str:
+    """An RFC 3339 time as decimal seconds since the epoch (what a PAX mtime holds); "" is 0."""
+    if not text:
+        return "0"
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        raise InputError(what, f"eStargz TOC entry {n}: bad modtime {text!r}")
+    try:
+        whole = datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
+    except ValueError:  # month 13, year 0, 25:00 ...
+        raise InputError(what, f"eStargz TOC entry {n}: bad modtime {text!r}") from None
+    return str(Decimal(int(whole.timestamp())) + Decimal("0" + (m.group(2) or "")))
+
+
+class _Fields:
+    """Typed access to one TOC entry's JSON fields, with errors that say which entry is bad."""
+
+    __slots__ = ("_raw", "_n", "_what")
+
+    def __init__(self, raw: Any, n: int, what: str) -> None:
+        if not isinstance(raw, dict):
+            raise InputError(what, f"eStargz TOC entry {n}: not an object")
+        self._raw, self._n, self._what = raw, n, what
+
+    @property
+    def _where(self) -> str:  # built only for an error: a TOC has one entry per file
+        return f"eStargz TOC entry {self._n}"
+
+    def _get(self, key: str, kind: type, default: Any, required: bool) -> Any:
+        value = self._raw.get(key)
+        if value is None:
+            if required:
+                raise InputError(self._what, f"{self._where}: no {key}")
+            return default
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InputError(self._what, f"{self._where}: {key} is not a {kind.__name__}")
+        return value
+
+    def text(self, key: str, *, required: bool = False) -> str:
+        value = self._get(key, str, "", required)
+        if "\0" in value or not value.isascii():
+            _check_text(value, f"{self._where}: {key}", self._what)
+        return value
+
+    def number(self, key: str, *, required: bool = False) -> int:
+        value = self._get(key, int, 0, required)
+        if value < 0:
+            raise InputError(self._what, f"{self._where}: {key} is negative")
+        return value
+
+    def digest(self, key: str) -> bytes:
+        text = self.text(key, required=True)
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", text):
+            raise InputError(self._what, f"{self._where}: {key} is not a sha256 digest")
+        return bytes.fromhex(text[7:])
+
+    def xattrs(self) -> dict[str, str]:
+        """Extended attributes (Go encodes []byte values as base64), as PAX header text."""
+        raw = self._get("xattrs", dict, {}, False)
+        out = {}
+        for key, value in raw.items():
+            _check_text(key, f"{self._where}: xattr name", self._what)
+            try:
+                data = base64.b64decode(value, validate=True)
+            except (TypeError, ValueError):  # binascii.Error, or a str that is not ASCII
+                raise InputError(self._what, f"{self._where}: xattr {key!r} is not base64") from None
+            out[key] = data.decode("utf-8", "surrogateescape")
+        return out
+
+
+def _check_text(value: str, where: str, what: str) -> None:
+    """A TOC string must stand for bytes a tar could hold: no NUL, no lone UTF-16 surrogate (JSON
+    can spell both; Go's encoder never writes them). \udc80-\udcff are this project's spelling of
+    undecodable bytes (surrogateescape) and stay allowed."""
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise InputError(what, f"{where} is not text a tar name could hold") from None
+    if "\0" in value:
+        raise InputError(what, f"{where} holds a NUL character")
