@@ -14,8 +14,10 @@ When the CLI can publish indexes (`imagefs index --push`), a second phase publis
 the registry instead of streaming the layers; the peer's samples are the first phase's. A third
 phase records an access profile (one untimed `imagefs run` per workload on a store of its own),
 publishes it with the indexes, and measures `imagefs run` once more: a fresh store now fetches
-the profiled files at mount time, all at once. The start rows of the last two phases are also set
-against the floor (floor as the peer: the ratio is how many floors the start took).
+the profiled files at mount time, all at once. A fourth phase runs the image with its layers
+rewritten as eStargz (no index at all: each layer's own TOC), plain and with the recorded profile
+as prioritized files. The start rows of the last phases are also set against the floor (floor as
+the peer: the ratio is how many floors the start took).
 
 Bytes are what the proxy carried from the registry to the client. The floor is computed, not
 measured: the bytes of the files the task reads, scaled by their layer's compression, plus the
@@ -84,6 +86,7 @@ def run(ctx: Context) -> None:
                                                                       workload, rate, can_run)
                 else:
                     _phase_published(ctx, image.tag, trace, workload, rate, can_run, peers[(rate, workload.name)])
+    profiles: dict[str, list[str]] = {}  # per workload: the access profile recorded below
     if can_publish and can_run:
         for workload in ctx.workloads():
             # A repository of its own per workload: a profile is published per image repository,
@@ -95,11 +98,14 @@ def run(ctx: Context) -> None:
             recorder("run", "--network", "none", link.ref(repo), "--", *workload.argv)
             ctx.unmount_below(recorder.store.parent)  # the shared mount goes: its profile is written
             recorder("index", "--push", link.ref(repo))
+            profiles[workload.name] = _recorded_profile(recorder)
             ctx.discard(recorder.store.parent)
             trace = Trace.load_or_make(ctx.cache, image, merged, workload)
             for rate in ctx.mode.rates:
                 link.set_rate(rate)
                 _phase_profile(ctx, repo, image.tag, trace, workload, rate, peers[(rate, workload.name)])
+    if can_run:
+        _phases_estargz(ctx, image, merged, profiles, peers)
     files = {w.name: len(Trace.load_or_make(ctx.cache, image, merged, w).files()) for w in ctx.workloads()}
     ctx.note("cold", "Reads: the workload was traced once with `strace -f -e trace=%file` in a chroot of the "
                      "unpacked image; every file it opened is read whole, every path it looked up is stat'ed "
@@ -194,6 +200,47 @@ def _phase_profile(ctx: Context, repo: str, tag: str, trace: Trace, workload: Wo
                  workload.name, i + 1, s["run_t"][-1], s["run_b"][-1] / 1e6)
     _start_rows(ctx, trace, rate, f"`{workload.label}` on `{tag}`, {where}",
                 "imagefs run, index and profile published", s, peer)
+
+
+def _recorded_profile(recorder: Imagefs) -> list[str]:
+    from stores.store import Store
+
+    store = Store(recorder.store)
+    return next((p for i in store.image_ids() if (p := store.read_profile(i))), [])
+
+
+def _phases_estargz(ctx: Context, image, merged, profiles: dict[str, list[str]], peers: dict) -> None:
+    """4. The same image with its layers rewritten as eStargz (imagefs/estargz_writer.py): read
+    through each layer's own TOC, no index anywhere; then with the workload's recorded profile as
+    the layers' prioritized files (eStargz's own way to carry a profile)."""
+    link = ctx.get_link()
+    plain = ctx.cache.estargz(image, f"{image.tag}-estargz")
+    link.set_rate(None)
+    link.push(ctx.cache.layout, plain.tag)
+    grown = plain.compressed_size / image.compressed_size
+    for workload in ctx.workloads():
+        trace = Trace.load_or_make(ctx.cache, image, merged, workload)
+        variants = [(plain.tag, "imagefs run, eStargz layers")]
+        if profiles.get(workload.name):
+            tag = f"{image.tag}-estargz-{workload.name}"
+            ctx.cache.estargz(image, tag, profiles[workload.name])
+            link.set_rate(None)
+            link.push(ctx.cache.layout, tag)
+            variants.append((tag, "imagefs run, eStargz layers with prioritized files"))
+        for tag, subject in variants:
+            for rate in ctx.mode.rates:
+                link.set_rate(rate)
+                s: dict[str, list[float]] = {"run_t": [], "run_b": []}
+                for i in range(ctx.mode.runs):
+                    _imagefs_run(ctx, tag, workload, s)
+                    log.info("cold %s %s, %s, run %d: %.2f s %.1f MB", _where(ctx, rate), workload.name, subject,
+                             i + 1, s["run_t"][-1], s["run_b"][-1] / 1e6)
+                _start_rows(ctx, trace, rate, f"`{workload.label}` on `{image.tag}`, {_where(ctx, rate)}",
+                            subject, s, peers[(rate, workload.name)])
+    ctx.note("cold", f"eStargz rows: the image's layers rewritten by imagefs/estargz_writer.py (chunks of 4 MiB, "
+                     f"{grown:.3f}x the gzip layers' size); the peer is still skopeo+umoci+crun on the plain gzip "
+                     "image. 'with prioritized files': the workload's recorded profile put first in each layer, "
+                     "before a .prefetch.landmark; a pull takes those files as the image's profile.")
 
 
 def _start_rows(ctx: Context, trace: Trace, rate: str | None, what: str, subject: str, s: dict,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.layers import LayerDesc, add_image, init_layout, snapshot, diff, walk, write_file_layer, write_layer
+from bench.layers import (LayerDesc, add_image, diff, init_layout, snapshot, walk, write_estargz_layer,
+                          write_file_layer, write_layer)
 
 log = logging.getLogger("bench")
 
@@ -149,6 +151,20 @@ class Cache:
             if layers is None:
                 layers = self._build(tag)
                 self._save(f"image-{tag}", layers)
+            return BenchImage(tag, tuple(layers), self.layout)
+
+    def estargz(self, image: BenchImage, tag: str, prioritized: list[str] | None = None) -> BenchImage:
+        """*image* with every layer rewritten as eStargz, tagged *tag* in the layout; *prioritized*
+        paths (an access profile) first in each layer. Rebuilt when the profile differs."""
+        key = hashlib.sha256(json.dumps(prioritized or []).encode()).hexdigest()[:16]
+        with self.locked():
+            self._check_recipe()
+            layers = self._load(f"image-{tag}-{key}")
+            if layers is None:
+                layers = [write_estargz_layer(self.layout, image.blob(layer), prioritized=prioritized or [])
+                          for layer in image.layers]
+                self._save(f"image-{tag}-{key}", layers)
+            add_image(self.layout, layers, tag=tag, config=PYTHON_CONFIG)
             return BenchImage(tag, tuple(layers), self.layout)
 
     def _build(self, tag: str) -> list[LayerDesc]:

@@ -34,6 +34,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_NAME = "org.opencontainers.image.ref.name"
+ESTARGZ_TOC = "containerd.io/snapshot/stargz/toc.digest"
 
 # Paths whose contents never belong in an image (the runtime provides them), relative to the root.
 EMPTY_DIRS = ("dev", "proc", "sys", "run", "tmp")
@@ -50,14 +51,23 @@ class LayerDesc:
     diff_id: str         # sha256 of the uncompressed tar
     tar_size: int        # uncompressed size
     media_type: str = GZIP_LAYER
+    toc_digest: str = ""  # an eStargz layer's TOC digest (its descriptor's annotation)
 
     def to_json(self) -> dict:
         return {"digest": self.digest, "size": self.size, "diff_id": self.diff_id,
-                "tar_size": self.tar_size, "media_type": self.media_type}
+                "tar_size": self.tar_size, "media_type": self.media_type, "toc_digest": self.toc_digest}
 
     @classmethod
     def from_json(cls, doc: dict) -> LayerDesc:
-        return cls(doc["digest"], doc["size"], doc["diff_id"], doc["tar_size"], doc["media_type"])
+        return cls(doc["digest"], doc["size"], doc["diff_id"], doc["tar_size"], doc["media_type"],
+                   doc.get("toc_digest", ""))
+
+    def descriptor(self) -> dict:
+        desc = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.toc_digest:
+            desc["annotations"] = {ESTARGZ_TOC: self.toc_digest,
+                                   "io.containers.estargz.uncompressed-size": str(self.tar_size)}
+        return desc
 
 
 class _Counting(io.RawIOBase):
@@ -176,6 +186,29 @@ def write_file_layer(layout: Path, members: Iterable[tuple[str, int, Iterable[by
     return _write_gzip_tar(layout, level, add)
 
 
+def write_estargz_layer(layout: Path, source: Path, *, prioritized: Iterable[str] = ()) -> LayerDesc:
+    """The gzip layer blob *source* rewritten as eStargz (imagefs/estargz_writer.py) into *layout*;
+    *prioritized* paths first. The tar is unpacked to a scratch file first: putting prioritized
+    files first reads the source out of order, which a gzip stream cannot do cheaply."""
+    from imagefs.estargz_writer import write_estargz
+
+    blobs = Path(layout) / "blobs" / "sha256"
+    plain, tmp = blobs / f".plain-{os.getpid()}", blobs / f".partial-{os.getpid()}"
+    try:
+        with gzip.open(source, "rb") as src, open(plain, "wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+        with tarfile.open(plain, encoding="utf-8", errors="surrogateescape") as tar, open(tmp, "wb") as out:
+            written = write_estargz(tar, out, prioritized=list(prioritized))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, blobs / written.digest.split(":", 1)[1])
+    finally:
+        plain.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return LayerDesc(written.digest, written.size, written.diff_id, written.tar_size, toc_digest=written.toc_digest)
+
+
 class _ChunkReader(io.RawIOBase):
     """A readable stream over an iterator of byte chunks (what tarfile.addfile copies from)."""
 
@@ -226,8 +259,7 @@ def add_image(layout: Path, layers: list[LayerDesc], *, tag: str, config: dict |
     cfg_desc = _put_blob(layout, json.dumps(cfg).encode())
     manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                 "config": {"mediaType": OCI_CONFIG, **cfg_desc},
-                "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size}
-                           for layer in layers]}
+                "layers": [layer.descriptor() for layer in layers]}
     desc = {"mediaType": OCI_MANIFEST, **_put_blob(layout, json.dumps(manifest).encode()),
             "platform": {"architecture": "amd64", "os": "linux"}, "annotations": {REF_NAME: tag}}
     index_path = Path(layout) / "index.json"
