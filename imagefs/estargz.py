@@ -32,11 +32,11 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 from imagefs import zran
-from imagefs.entry import Entry
+from imagefs.entry import Entry, EntryType
 from imagefs.errors import DigestMismatch, InputError
 from imagefs.index import DEFAULT_CHUNK_SIZE, DEFAULT_SPAN, LayerIndex, SeekPoint
 from imagefs.layerscan import EntryMaker
@@ -58,9 +58,9 @@ LANDMARKS = (b".prefetch.landmark", b".no.prefetch.landmark")
 
 _FOOTER_PAYLOAD = re.compile(rb"([0-9a-f]{16})STARGZ")
 _RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", re.ASCII)
-_TAR_TYPES = {"dir": tarfile.DIRTYPE, "reg": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE,
-              "hardlink": tarfile.LNKTYPE, "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE,
-              "fifo": tarfile.FIFOTYPE}
+_ENTRY_TYPES = {"dir": EntryType.DIR, "reg": EntryType.FILE, "symlink": EntryType.SYMLINK,
+                "hardlink": EntryType.HARDLINK, "char": EntryType.CHAR, "block": EntryType.BLOCK,
+                "fifo": EntryType.FIFO}
 
 
 def toc_offset(footer: bytes, blob_size: int, what: str) -> int:
@@ -122,6 +122,23 @@ def fetch_toc(read_range: Callable[[int, int], bytes], size: int, toc_digest: st
     return member
 
 
+@dataclass(slots=True)
+class _Member:
+    """One TOC entry's fields, as read (normalised later, by layerscan's EntryMaker)."""
+
+    name: str
+    type: EntryType
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    linkname: str
+    devmajor: int
+    devminor: int
+    xattrs: dict[bytes, bytes]
+
+
 @dataclass
 class _Chunk:
     coffset: int
@@ -145,9 +162,9 @@ def index_from_toc(member: bytes, *, digest: str, size: int, toc_digest: str,
     if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get("entries"), list):
         raise InputError(what, "eStargz TOC: not a version 1 TOC with an entries list")
     maker = EntryMaker("", warn, what)
-    infos: list[tuple[tarfile.TarInfo, list[_Chunk]]] = []
+    infos: list[tuple[_Member, list[_Chunk]]] = []
     chunks_of: dict[str, list[_Chunk]] = {}  # a regular file's chunks, by TOC name
-    mtimes: dict[str, str] = {}
+    mtimes: dict[str, int] = {}
     for n, raw in enumerate(doc["entries"]):
         fields = _Fields(raw, n, what)
         name, kind = fields.text("name", required=True), fields.text("type", required=True)
@@ -158,36 +175,29 @@ def index_from_toc(member: bytes, *, digest: str, size: int, toc_digest: str,
             chunks.append(_Chunk(fields.number("offset", required=True), fields.number("chunkOffset", required=True),
                                  fields.digest("chunkDigest")))
             continue
-        tar_type = _TAR_TYPES.get(kind)
-        if tar_type is None:
+        etype = _ENTRY_TYPES.get(kind)
+        if etype is None:
             warn(f"dropping {name!r}: unsupported eStargz TOC entry type {kind!r}")
             continue
-        ti = tarfile.TarInfo(name)
-        ti.type = tar_type
-        ti.mode = fields.number("mode") & 0o7777
-        ti.uid, ti.gid = fields.number("uid"), fields.number("gid")
-        ti.linkname = fields.text("linkName")
-        ti.devmajor, ti.devminor = fields.number("devMajor"), fields.number("devMinor")
         modtime = fields.text("modtime")
-        mtime = mtimes.get(modtime)
-        if mtime is None:  # most entries of a layer share a handful of times
-            mtime = mtimes[modtime] = _mtime(modtime, what, n)
-        ti.pax_headers = {"mtime": mtime}
-        for key, value in fields.xattrs().items():
-            ti.pax_headers["SCHILY.xattr." + key] = value
+        mtime_ns = mtimes.get(modtime)
+        if mtime_ns is None:  # most entries of a layer share a handful of times
+            mtime_ns = mtimes[modtime] = _mtime_ns(modtime, what, n)
+        member = _Member(name, etype, fields.number("mode"), fields.number("uid"), fields.number("gid"),
+                         fields.number("size") if kind == "reg" else 0, mtime_ns, fields.text("linkName"),
+                         fields.number("devMajor"), fields.number("devMinor"), fields.xattrs())
         chunks = []
         if kind == "reg":
-            ti.size = fields.number("size")
-            if ti.size:
+            if member.size:
                 chunks = [_Chunk(fields.number("offset", required=True), fields.number("chunkOffset"),
                                  fields.digest("chunkDigest"))]
             chunks_of[name] = chunks
-        infos.append((ti, chunks))
+        infos.append((member, chunks))
 
     # Lay the data out: every chunk of every file, in blob order, back to back.
     ordered: list[_Chunk] = []
-    for ti, chunks in infos:
-        _size_chunks(ti, chunks, what)
+    for m, chunks in infos:
+        _size_chunks(m, chunks, what)
         ordered.extend(chunks)
     ordered.sort(key=lambda c: c.coffset)
     for a, b in zip(ordered, ordered[1:]):
@@ -209,13 +219,17 @@ def index_from_toc(member: bytes, *, digest: str, size: int, toc_digest: str,
         region_digests.append(b"")
 
     entries: list[Entry] = []
-    for ti, chunks in infos:
+    for m, chunks in infos:
+        offset = 0
         if chunks:
             starts = [uoffset_of[id(c)] for c in chunks]
             if starts != [starts[0] + c.chunk_offset for c in chunks]:
-                raise InputError(what, f"eStargz TOC: the chunks of {ti.name!r} are not consecutive in the blob")
-            ti.offset_data = starts[0]
-        entry = maker.make(ti)
+                raise InputError(what, f"eStargz TOC: the chunks of {m.name!r} are not consecutive in the blob")
+            offset = starts[0]
+        entry = maker.make_entry(m.name.encode("utf-8", "surrogateescape"), m.type, kind="", mode=m.mode,
+                                 uid=m.uid, gid=m.gid, size=m.size, mtime_ns=m.mtime_ns,
+                                 linkname=m.linkname.encode("utf-8", "surrogateescape"), devmajor=m.devmajor,
+                                 devminor=m.devminor, offset=offset, xattrs=m.xattrs)
         if entry is None or entry.path in LANDMARKS:
             continue
         entries.append(entry)
@@ -239,7 +253,7 @@ def prioritized_paths(member: bytes, *, toc_digest: str, what: str) -> list[str]
     return []  # no landmark: nothing is prioritized
 
 
-def _size_chunks(ti: tarfile.TarInfo, chunks: list[_Chunk], what: str) -> None:
+def _size_chunks(ti: _Member, chunks: list[_Chunk], what: str) -> None:
     """Each chunk's size from the next one's chunkOffset (the last: to the file's end), checked."""
     if not chunks:
         return
@@ -252,10 +266,10 @@ def _size_chunks(ti: tarfile.TarInfo, chunks: list[_Chunk], what: str) -> None:
             raise InputError(what, f"eStargz TOC: {ti.name!r} has a chunk of {c.size} bytes at {c.chunk_offset}")
 
 
-def _mtime(text: str, what: str, n: int) -> str:
-    """An RFC 3339 time as decimal seconds since the epoch (what a PAX mtime holds); "" is 0."""
+def _mtime_ns(text: str, what: str, n: int) -> int:
+    """An RFC 3339 time as nanoseconds since the epoch (clamped as a tar's would be); "" is 0."""
     if not text:
-        return "0"
+        return 0
     m = _RFC3339.fullmatch(text)
     if m is None:
         raise InputError(what, f"eStargz TOC entry {n}: bad modtime {text!r}")
@@ -263,7 +277,9 @@ def _mtime(text: str, what: str, n: int) -> str:
         whole = datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
     except ValueError:  # month 13, year 0, 25:00 ...
         raise InputError(what, f"eStargz TOC entry {n}: bad modtime {text!r}") from None
-    return str(Decimal(int(whole.timestamp())) + Decimal("0" + (m.group(2) or "")))
+    seconds = Decimal(int(whole.timestamp())) + Decimal("0" + (m.group(2) or ""))
+    ns = int(seconds.scaleb(9).to_integral_value(ROUND_FLOOR))
+    return min(max(ns, -(1 << 63)), (1 << 63) - 1)
 
 
 class _Fields:
@@ -291,12 +307,22 @@ class _Fields:
         return value
 
     def text(self, key: str, *, required: bool = False) -> str:
+        value = self._raw.get(key)
+        if type(value) is str and value.isascii() and "\0" not in value:
+            return value  # the common cases first: a TOC has one entry per file
+        if value is None and not required:
+            return ""
         value = self._get(key, str, "", required)
         if "\0" in value or not value.isascii():
             _check_text(value, f"{self._where}: {key}", self._what)
         return value
 
     def number(self, key: str, *, required: bool = False) -> int:
+        value = self._raw.get(key)
+        if type(value) is int and value >= 0:
+            return value
+        if value is None and not required:
+            return 0
         value = self._get(key, int, 0, required)
         if value < 0:
             raise InputError(self._what, f"{self._where}: {key} is negative")
@@ -308,8 +334,11 @@ class _Fields:
             raise InputError(self._what, f"{self._where}: {key} is not a sha256 digest")
         return bytes.fromhex(text[7:])
 
-    def xattrs(self) -> dict[str, str]:
-        """Extended attributes (Go encodes []byte values as base64), as PAX header text."""
+    def xattrs(self) -> dict[bytes, bytes]:
+        """Extended attributes (Go encodes []byte values as base64)."""
+        raw = self._raw.get("xattrs")
+        if raw is None:
+            return {}
         raw = self._get("xattrs", dict, {}, False)
         out = {}
         for key, value in raw.items():
@@ -318,7 +347,7 @@ class _Fields:
                 data = base64.b64decode(value, validate=True)
             except (TypeError, ValueError):  # binascii.Error, or a str that is not ASCII
                 raise InputError(self._what, f"{self._where}: xattr {key!r} is not base64") from None
-            out[key] = data.decode("utf-8", "surrogateescape")
+            out[key.encode("utf-8", "surrogateescape")] = data
         return out
 
 

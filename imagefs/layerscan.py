@@ -85,6 +85,16 @@ class EntryMaker:
 
     def make(self, ti: tarfile.TarInfo) -> Entry | None:
         name = _fs(ti.name)
+        return self.make_entry(name, _TYPES.get(ti.type), kind=repr(ti.type), mode=ti.mode, uid=ti.uid,
+                               gid=ti.gid, size=ti.size, mtime_ns=_mtime_ns(ti), linkname=_fs(ti.linkname),
+                               devmajor=ti.devmajor, devminor=ti.devminor, offset=ti.offset_data,
+                               xattrs=self._xattrs(ti.pax_headers, name), sparse=ti.issparse())
+
+    def make_entry(self, name: bytes, etype: EntryType | None, *, kind: str, mode: int, uid: int, gid: int,
+                   size: int, mtime_ns: int, linkname: bytes, devmajor: int, devminor: int, offset: int,
+                   xattrs: dict[bytes, bytes], sparse: bool = False) -> Entry | None:
+        """The entry for a member described field by field (a tar header, or an eStargz TOC
+        entry), normalised and checked by the same rules; None if it is skipped or dropped."""
         parts = _split(name)
         if parts is None:
             self._warn(f"dropping {name!r}: absolute path or '..' component")
@@ -92,16 +102,14 @@ class EntryMaker:
         path = self._strip_root(parts)
         if path is None:
             return None  # outside the root (the Appc manifest): not part of the filesystem
-        if ti.issparse():
+        if sparse:
             raise InputError(self._what, f"{name!r}: sparse tar members are not supported")
-        etype = _TYPES.get(ti.type)
         if etype is None:
-            self._warn(f"dropping {name!r}: unsupported tar member type {ti.type!r}")
+            self._warn(f"dropping {name!r}: unsupported tar member type {kind}")
             return None
         if path == b"" and etype != EntryType.DIR:
             self._warn(f"dropping {name!r}: the root can only be a directory")
             return None
-        linkname = _fs(ti.linkname)
         if etype == EntryType.HARDLINK:
             target_parts = _split(linkname)
             target = self._strip_root(target_parts) if target_parts is not None else None
@@ -111,15 +119,17 @@ class EntryMaker:
             linkname = target
         elif etype != EntryType.SYMLINK:
             linkname = b""
-        for label, value, limit in (("uid", ti.uid, 1 << 64), ("gid", ti.gid, 1 << 64),
-                                    ("size", ti.size, 1 << 64), ("devmajor", ti.devmajor, 1 << 32),
-                                    ("devminor", ti.devminor, 1 << 32)):
+        for label, value, limit in (("uid", uid, 1 << 64), ("gid", gid, 1 << 64), ("size", size, 1 << 64),
+                                    ("devmajor", devmajor, 1 << 32), ("devminor", devminor, 1 << 32)):
             if not 0 <= value < limit:
                 raise InputError(self._what, f"{name!r}: {label} {value} out of range")
-        return Entry(path=path, type=etype, mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid,
-                     size=ti.size if etype == EntryType.FILE else 0, mtime_ns=_mtime_ns(ti),
-                     linkname=linkname, devmajor=ti.devmajor, devminor=ti.devminor,
-                     offset=ti.offset_data, xattrs=self._xattrs(ti.pax_headers, name))
+        for k, v in list(xattrs.items()):
+            if not 0 < len(k) <= 255 or len(v) > 65536:  # Linux's limits; keeps records small
+                self._warn(f"{name!r}: ignoring xattr {k[:64]!r}: name or value too long")
+                del xattrs[k]
+        return Entry(path=path, type=etype, mode=mode & 0o7777, uid=uid, gid=gid,
+                     size=size if etype == EntryType.FILE else 0, mtime_ns=mtime_ns, linkname=linkname,
+                     devmajor=devmajor, devminor=devminor, offset=offset, xattrs=xattrs)
 
     def _xattrs(self, pax: dict[str, str], name: bytes) -> dict[bytes, bytes]:
         # tarfile decoded PAX values as utf-8 (surrogateescape where not valid, or with
@@ -137,12 +147,7 @@ class EntryMaker:
                     self._warn(f"{name!r}: ignoring xattr {key!r}: bad base64")
                     continue
                 libarchive[urllib.parse.unquote_to_bytes(_fs(key[17:]))] = decoded
-        xattrs = libarchive | schily  # libarchive writes both; SCHILY is the common one
-        for k, v in list(xattrs.items()):
-            if not 0 < len(k) <= 255 or len(v) > 65536:  # Linux's limits; keeps records small
-                self._warn(f"{name!r}: ignoring xattr {k[:64]!r}: name or value too long")
-                del xattrs[k]
-        return xattrs
+        return libarchive | schily  # libarchive writes both; SCHILY is the common one
 
 
 def _mtime_ns(ti: tarfile.TarInfo) -> int:
