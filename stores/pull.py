@@ -248,10 +248,10 @@ def _take_tocs(store: Store, source: Source, layers: list[Layer]) -> None:
 def _keep_prioritized(store: Store, image: Image) -> None:
     """An eStargz image carries its access profile: the prioritized files of its layers (those
     before their `.prefetch.landmark`). Kept as the image's profile unless it has one."""
-    from imagefs.estargz import prioritized_paths
-
-    if store.has_profile(image.id):
+    if store.has_profile(image.id) or not any(layer.toc_digest for layer in image.layers):
         return
+    from imagefs.estargz import prioritized_paths  # here: no import for images that are not eStargz
+
     paths: dict[str, None] = {}
     for layer in image.layers:
         if layer.toc_digest and store.has_toc(layer.digest):

@@ -35,6 +35,17 @@ def registry(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
+def own_registry(tmp_path: Path):
+    """A registry of the test's own, which it may stop and start again (same port, same storage)."""
+    reg = Registry(tmp_path / "registry")
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
     return tmp_path / "store"
 

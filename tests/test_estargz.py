@@ -850,17 +850,6 @@ def test_a_wrong_toc_digest_falls_back_to_streaming(registry, clis, tmp_path):
             mounts.cleanup()
 
 
-@pytest.fixture
-def own_registry(tmp_path):
-    """A registry this test may stop (as tests/test_prefetch.py's)."""
-    reg = Registry(tmp_path / "registry")
-    reg.start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
-
-
 @requires_skopeo
 @needs_fuse
 def test_prefetch_all_makes_the_layers_local_and_the_image_survives_the_registry(own_registry, clis, tmp_path):

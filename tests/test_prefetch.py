@@ -13,22 +13,10 @@ import pytest
 
 from tests.mounts import Cli, Mounts, needs_fuse
 from tests.support.images import Member, OciLayout, busybox_members, layer_tar, push, wait_until
-from tests.support.registry import Registry
 
 pytestmark = needs_fuse
 
 BIG = random.Random(3).randbytes(6 << 20)
-
-
-@pytest.fixture
-def own_registry(tmp_path):
-    """A registry this test may stop and start again (same port, same storage)."""
-    reg = Registry(tmp_path / "registry")
-    reg.start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture
