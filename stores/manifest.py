@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import platform as _platform
+from collections.abc import Callable
 from typing import Any
 
 from imagefs.errors import InputError, NotFound
@@ -165,8 +166,11 @@ def _toc_digest(d: Descriptor, compression: str, what: str) -> str:
         return ""
 
 
-def resolve(source: Source, want: Platform | None = None, *, max_depth: int = 2) -> Image:
-    """Follow the source's reference to one image manifest, verifying every document fetched."""
+def resolve(source: Source, want: Platform | None = None, *, max_depth: int = 2,
+            on_layers: Callable[[tuple[Layer, ...]], None] | None = None) -> Image:
+    """Follow the source's reference to one image manifest, verifying every document fetched.
+    *on_layers* is told the layers as soon as the manifest is verified, before the config is
+    fetched: work on the layers can start a round trip earlier."""
     want = want or host_platform()
     what = str(source.reference)
     m = source.root_manifest()
@@ -186,6 +190,8 @@ def resolve(source: Source, want: Platform | None = None, *, max_depth: int = 2)
             raise InputError(what, f"unknown manifest media type {media_type!r}")
         config_desc = _descriptor(doc.get("config"), f"{what}: config")
         layers = parse_layers(doc, what)
+        if on_layers is not None:
+            on_layers(layers)
         config = b"".join(source.open_blob(config_desc.digest, config_desc.size))
         verify_bytes(config, config_desc.digest, f"{what}: config {config_desc.digest}")
         return Image(digest, m.data, config_desc.digest, config, layers, parse_config(config, f"{what}: config"))

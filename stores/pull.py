@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,15 +83,23 @@ def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
     if push_index and not isinstance(ref, DockerReference):
         raise InputError(reference, "indexes can only be published to a registry (docker://...)")
     with store.using(), options.open(reference) as source:
-        image = resolve(source, platform)
+        tocs: list[Future[None]] = []
+
+        def layers_known(layers: tuple[Layer, ...]) -> None:
+            # eStargz TOCs are fetched while the config is: one round trip less.
+            if not all_layers and any(layer.toc_digest for layer in layers):
+                tocs.append(_in_thread(_take_tocs, store, source, list(layers)))
+
+        image = resolve(source, platform, on_layers=layers_known)
         store.put_blob(image.manifest_digest, image.manifest)
         store.put_blob(image.config_digest, image.config)
         progress.start(image.id, list(image.layers))
         published = (published_indexes(source, image, want_profile=not store.has_profile(image.id))
                      if use_published and not all_layers else None)
         try:
+            for job in tocs:
+                job.result()
             if not all_layers:
-                _take_tocs(store, source, list(image.layers))
                 _keep_prioritized(store, image)
             if published is not None:
                 _prefetch_published(store, published, list(image.layers))
@@ -204,6 +214,20 @@ def _index_from_blob(store: Store, source: Source, layer: Layer, *, keep_blob: b
         store.put_index(layer.digest, build_layer_index(path, layer))
     if not keep_blob and not had_blob:
         path.unlink()
+
+
+def _in_thread(fn: Callable[..., None], *args: object) -> Future[None]:
+    """fn(*args) in a thread of its own, started now."""
+    future: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # raised where the result is asked for
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=f"imagefs-{fn.__name__.strip('_')}", daemon=True).start()
+    return future
 
 
 def _take_tocs(store: Store, source: Source, layers: list[Layer]) -> None:
