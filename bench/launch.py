@@ -13,6 +13,7 @@ directories hold (upper, work, bundle). imagefs' mount server memory: the RSS of
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import subprocess
 import threading
@@ -28,6 +29,9 @@ from bench.system import du, has_imagefs_run, run as run_cmd, timed
 log = logging.getLogger("bench")
 
 UP_CMD = ["/bin/sh", "-c", "echo up; read x"]
+# `imagefs run` gives a task /dev/null for stdin (as Mesos does), where `read x` returns at once and
+# the task would end as soon as it is up: its tasks wait on a FIFO in their sandbox instead.
+SANDBOX_UP_CMD = ["/bin/sh", "-c", "mkfifo /mnt/mesos/sandbox/go && echo up && read x < /mnt/mesos/sandbox/go"]
 
 
 def run(ctx: Context) -> None:
@@ -159,6 +163,19 @@ def _finish(procs: list[subprocess.Popen]) -> None:
             p.stdout.close()
 
 
+def _release_sandboxes(work: Path) -> None:
+    """Let the tasks waiting on their sandbox FIFO (SANDBOX_UP_CMD) end."""
+    for fifo in work.glob("containers/*/sandbox/go"):
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            continue  # no reader: that task is gone already
+        try:
+            os.write(fd, b"\n")
+        finally:
+            os.close(fd)
+
+
 def _peer_tasks(ctx: Context, lowers: list[Path], n: int) -> tuple[list[float], float]:
     crun = Crun(ctx.workdir / "crun-state")
     base = ctx.fresh_dir(f"shared-{n}")
@@ -196,7 +213,7 @@ def _imagefs_tasks(ctx: Context, n: int) -> tuple[list[float], float, float]:
     before = du(cli.work)
 
     def launch(i: int) -> subprocess.Popen:
-        return subprocess.Popen(cli.argv("run", "--network", "none", image.ref, "--", *UP_CMD),
+        return subprocess.Popen(cli.argv("run", "--network", "none", image.ref, "--", *SANDBOX_UP_CMD),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
     procs: list[subprocess.Popen] = []
@@ -214,6 +231,7 @@ def _imagefs_tasks(ctx: Context, n: int) -> tuple[list[float], float, float]:
                 except psutil.NoSuchProcess:
                     pass
     finally:
+        _release_sandboxes(cli.work)
         _finish(procs)
         ctx.unmount_below(cli.store.parent)
     ctx.discard(cli.store.parent)
