@@ -12,14 +12,17 @@ digests: its data is checked once decompressed, and `forget_range` drops what fa
 once more and then reported as `ChunkCorrupt`: wrong bytes are never served.
 
 Concurrency: `read` is called from many worker threads. A chunk being fetched by one thread is
-waited on by the others (never fetched twice). Several processes may share a cache directory; the
-worst case there is a chunk fetched twice, written with identical verified bytes.
+waited on by the others (never fetched twice). Several processes may share a cache directory: a
+process fetching chunks holds a lock (fcntl) on their bytes of the present file, so another that
+wants them waits, then finds them present on disk instead of fetching them again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -131,6 +134,23 @@ class ChunkCache:
             # Someone else fetched those: loop to check they succeeded (or fetch them ourselves).
 
     def _fetch_run(self, first: int, last: int) -> None:
+        # Another process may be filling the same cache (a launcher fetching an image's profile
+        # while its mount server reads): a lock on these chunks' bytes of the present file makes
+        # one fetch of each, and what the other process finished meanwhile is taken as it is.
+        locked = _lock_range(self._present_fd, first, last - first)
+        try:
+            on_disk = os.pread(self._present_fd, last - first, first).ljust(last - first, b"\0")
+            with self._lock:
+                for i, flag in enumerate(on_disk):
+                    if flag:
+                        self._present[first + i] = 1
+            for run in _runs([first + i for i, flag in enumerate(on_disk) if not flag], self.max_run):
+                self._fetch_chunks(run[0], run[-1] + 1)
+        finally:
+            if locked:
+                _unlock_range(self._present_fd, first, last - first)
+
+    def _fetch_chunks(self, first: int, last: int) -> None:
         start = first * self.chunk_size
         end = min(last * self.chunk_size, self.size)
         for attempt in (1, 2):
@@ -161,6 +181,27 @@ class ChunkCache:
             if hashlib.sha256(view[i:i + self.chunk_size]).digest() != self.digests[c]:
                 bad.append(c)
         return bad
+
+
+# Open-file-description locks, not POSIX record locks: those belong to the whole process, so two
+# processes whose threads wait on each other's ranges look deadlocked to the kernel (EDEADLK) when
+# each thread only waits; an OFD lock belongs to the open file, and no thread holds one lock while
+# it waits for another. struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks).
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _lock_range(fd: int, start: int, length: int) -> bool:
+    """Wait for, then take, a write lock on [start, start+length) of *fd*; False if the kernel
+    refuses one (the fetch then goes ahead unlocked: at worst a chunk is fetched twice)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _unlock_range(fd: int, start: int, length: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))
 
 
 def _runs(chunks: list[int], max_run: int) -> list[list[int]]:

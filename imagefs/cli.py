@@ -547,14 +547,34 @@ def _pull_ahead(args: argparse.Namespace, image: str) -> Future[ImageRecord]:
 
     def pull() -> None:
         future.set_running_or_notify_cancel()
+        from imagefs.prioritized import PrioritizedFetch
+
+        early = PrioritizedFetch(store, lambda: options.open(image))  # imagefs/prioritized.py
         try:
-            future.set_result(find_or_pull(store, image, options))
-        except BaseException as e:  # handed to the launch that awaits it, raised there
-            future.set_exception(e)
+            try:
+                # Only a registry's layers are read through the chunk cache; a local source's
+                # are read where they are, so there is nothing to fetch ahead.
+                remote = _is_registry(image)
+                record = find_or_pull(store, image, options, on_toc=early.layer if remote else None)
+            except BaseException as e:  # handed to the launch that awaits it, raised there
+                future.set_exception(e)
+                return
+            future.set_result(record)
+        finally:
+            early.finish()
 
     # A daemon thread: a run that fails before it needs the image does not wait for the pull.
     threading.Thread(target=pull, name="imagefs-pull-ahead", daemon=True).start()
     return future
+
+
+def _is_registry(image: str) -> bool:
+    from stores.reference import DockerReference
+
+    try:
+        return isinstance(parse_reference(image), DockerReference)
+    except InputError:
+        return False  # an image id: found in the store, not pulled
 
 
 def _mount_standby(args: argparse.Namespace, image: str, backend: str | None) -> Standby | None:

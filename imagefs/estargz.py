@@ -253,6 +253,25 @@ def prioritized_paths(member: bytes, *, toc_digest: str, what: str) -> list[str]
     return []  # no landmark: nothing is prioritized
 
 
+def prioritized_extent(member: bytes, *, toc_digest: str, what: str) -> int:
+    """How many leading bytes of the blob hold its prioritized files' data: the offset of its
+    `.prefetch.landmark`'s member (the files before it are written before it); 0 when it has none.
+
+    Quick, because a start waits for it: the landmark's entry is found in the JSON text and only
+    that object is parsed (the answer only steers a prefetch, whose data is checked when read)."""
+    toc = read_toc_member(member, toc_digest, what)
+    at = toc.find(b'"name":"' + LANDMARKS[0] + b'"')
+    if at < 0:
+        return 0
+    start = toc.rfind(b"{", 0, at)
+    try:
+        entry, _ = json.JSONDecoder().raw_decode(toc[start:].decode("utf-8", "replace"))
+    except ValueError:
+        return 0
+    offset = entry.get("offset") if isinstance(entry, dict) and entry.get("name") == LANDMARKS[0].decode() else None
+    return offset if type(offset) is int and offset > 0 else 0
+
+
 def _size_chunks(ti: _Member, chunks: list[_Chunk], what: str) -> None:
     """Each chunk's size from the next one's chunkOffset (the last: to the file's end), checked."""
     if not chunks:

@@ -73,10 +73,12 @@ class PullProgress:
 def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
          platform: Platform | None = None, all_layers: bool = False,
          progress: PullProgress | None = None, use_published: bool = True,
-         push_index: bool = False) -> ImageRecord:
+         push_index: bool = False, on_toc: Callable[[Layer, bytes], None] | None = None) -> ImageRecord:
     """Pull *reference* into *store*. *use_published*: take layer indexes published in the registry
     (not with *all_layers*, which fetches the layers anyway); *push_index*: publish the image's
-    indexes to its registry afterwards, unless they all came from there."""
+    indexes to its registry afterwards, unless they all came from there. *on_toc* is called with
+    each eStargz layer's TOC as soon as it has arrived and been verified (from the thread that
+    fetched it), before its index is built."""
     options = options or SourceOptions()
     progress = progress or PullProgress()
     ref = parse_reference(reference)
@@ -88,7 +90,7 @@ def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
         def layers_known(layers: tuple[Layer, ...]) -> None:
             # eStargz TOCs are fetched while the config is: one round trip less.
             if not all_layers and any(layer.toc_digest for layer in layers):
-                tocs.append(_in_thread(_take_tocs, store, source, list(layers)))
+                tocs.append(_in_thread(_take_tocs, store, source, list(layers), on_toc))
 
         image = resolve(source, platform, on_layers=layers_known)
         store.put_blob(image.manifest_digest, image.manifest)
@@ -153,7 +155,8 @@ def already_published(store: Store, image: Image, published: PublishedIndexes | 
 
 
 def find_or_pull(store: Store, reference: str, options: SourceOptions | None = None,
-                 platform: Platform | None = None) -> ImageRecord:
+                 platform: Platform | None = None,
+                 on_toc: Callable[[Layer, bytes], None] | None = None) -> ImageRecord:
     """The image *reference* names in the store (by reference or id prefix), pulled lazily (indexes
     only) when the store does not have it yet, or has it for another platform than *platform*."""
     from imagefs.errors import NotFound
@@ -172,7 +175,7 @@ def find_or_pull(store: Store, reference: str, options: SourceOptions | None = N
             return record
     if name is None:
         raise NotFound(reference, "no such image in the store, and not a reference to pull")
-    return pull(store, reference, options=options, platform=platform)
+    return pull(store, reference, options=options, platform=platform, on_toc=on_toc)
 
 
 def ensure_layer(store: Store, source: Source, layer: Layer, *, keep_blob: bool,
@@ -230,7 +233,8 @@ def _in_thread(fn: Callable[..., None], *args: object) -> Future[None]:
     return future
 
 
-def _take_tocs(store: Store, source: Source, layers: list[Layer]) -> None:
+def _take_tocs(store: Store, source: Source, layers: list[Layer],
+               on_toc: Callable[[Layer, bytes], None] | None = None) -> None:
     """Keep the TOC of every eStargz layer that has no index yet (read from the blob's tail, all
     layers at once): such a layer needs no index built or published. A TOC that cannot be read or
     does not match its annotation is a warning, and the layer is indexed as a plain gzip layer."""
@@ -250,6 +254,8 @@ def _take_tocs(store: Store, source: Source, layers: list[Layer]) -> None:
             try:
                 member = fetch_toc(lambda start, n: source.read_range(layer.digest, start, n),
                                    layer.size, layer.toc_digest, f"layer {layer.digest}")
+                if on_toc is not None:
+                    on_toc(layer, member)
                 # Usable, not only authentic: a TOC the mount would refuse (malformed, or in a
                 # form not read here) must not make the image unmountable when its layer is
                 # also a plain gzip tar. The index made here is kept: mounts load it, not the TOC.

@@ -110,3 +110,49 @@ def test_failed_fetch_leaves_chunk_missing(tmp_path, blob):
     assert cache.present_count() == 0
     assert os.path.getsize(tmp_path / "data") == len(blob)
     cache.close()
+
+
+def test_a_chunk_another_process_is_fetching_is_waited_for_not_fetched_again(tmp_path, blob):
+    """A launcher prefetching into the store's cache and its mount server reading the same chunks
+    are two processes: the second waits on the first's lock, then finds the chunks on disk."""
+    from tests.support.images import wait_until
+
+    started_r, started_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other process: its fetch holds chunks 2-4 until the parent says go
+        try:
+            def slow(start: int, length: int) -> bytes:
+                os.write(started_w, b"x")
+                os.read(go_r, 1)
+                return blob[start:start + length]
+            ChunkCache(tmp_path / "c", len(blob), CHUNK, digests(blob), slow).ensure(2, 5)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    try:
+        assert os.read(started_r, 1) == b"x"
+        remote = Remote(blob)
+        cache = ChunkCache(tmp_path / "c", len(blob), CHUNK, digests(blob), remote.fetch)
+        done = threading.Event()
+        reader = threading.Thread(target=lambda: (cache.ensure(3, 6), done.set()))
+        reader.start()
+
+        present = os.stat(tmp_path / "c" / "present").st_ino
+
+        def waiting_on_a_lock() -> bool:  # /proc/locks lists a blocked request as "-> ..."
+            with open("/proc/locks") as locks:
+                return any("->" in line and f":{present} " in line for line in locks)
+        wait_until(waiting_on_a_lock, 10, "the reader to wait on the other process's lock")
+        assert not done.is_set()
+        os.write(go_w, b"g")
+        reader.join(10)
+        assert done.is_set()
+        assert remote.calls == [(5 * CHUNK, CHUNK)]  # only the chunk the other process did not fetch
+        assert cache.read(2 * CHUNK, 4 * CHUNK) == blob[2 * CHUNK:6 * CHUNK]
+    finally:
+        os.write(go_w, b"g")
+        _, status = os.waitpid(pid, 0)
+        for fd in (started_r, started_w, go_r, go_w):
+            os.close(fd)
+    assert status == 0
