@@ -283,7 +283,19 @@ def inspect_doc(store: Store, record: ImageRecord) -> dict:
 def _layer_doc(store: Store, layer: Layer) -> dict:
     return {"digest": layer.digest, "media_type": layer.media_type, "size": layer.size,
             "compression": layer.compression, "root": layer.root,
-            "indexed": store.has_index(layer.digest), "blob_local": store.has_blob(layer.digest)}
+            "indexed": store.has_index(layer.digest), "index": _index_kind(store, layer),
+            "blob_local": store.has_blob(layer.digest)}
+
+
+def _index_kind(store: Store, layer: Layer) -> str:
+    """Where the layer's index came from, in the order a mount prefers them (imagefs/view.py)."""
+    if layer.toc_digest and store.has_toc(layer.digest):
+        return "estargz-toc"  # the layer's own TOC
+    if store.has_full_index(layer.digest):
+        return "whole"        # built here, or a published one fetched whole
+    if store.has_index(layer.digest):
+        return "published"    # a published index's metadata part; windows read remotely
+    return "none"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -306,7 +318,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"Size:      {_human(doc['size'])} ({_human(doc['local_bytes'])} local)")
     print("Layers:")
     for layer in doc["layers"]:
-        state = ("indexed" if layer["indexed"] else "no index") + (", local" if layer["blob_local"] else ", lazy")
+        state = (f"index: {layer['index']}" if layer["indexed"] else "no index") + (
+            ", local" if layer["blob_local"] else ", lazy")
         print(f"  {layer['digest']}  {_human(layer['size']):>10}  {layer['compression']:<5} {state}")
     return 0
 

@@ -53,7 +53,7 @@ def test_pull_images_inspect_rmi_gc(images, registry, cli):
     assert a in listing and b in listing
     doc_a = json.loads(cli.run("inspect", "--json", a).stdout)
     doc_b = json.loads(cli.run("inspect", "--json", b).stdout)
-    assert [l["indexed"] for l in doc_b["layers"]] == [True, True]
+    assert [(l["indexed"], l["index"]) for l in doc_b["layers"]] == [(True, "whole")] * 2
     assert doc_a["layers"][0]["digest"] == doc_b["layers"][0]["digest"]
     assert doc_b["layers"][1]["blob_local"] and doc_b["config"]["cmd"] == ["/app/run"]
     assert "Layers:" in cli.run("inspect", a).stdout

@@ -729,7 +729,8 @@ def test_lazy_pull_takes_only_the_tocs_and_a_mount_reads_what_it_needs(pushed, r
             # Every layer is eStargz: no published index is looked for.
             assert not front.paths("/referrers/") and not front.paths("/manifests/sha256-")
             layers = json.loads(cli.run("inspect", "--json", front.ref(pushed)).stdout)["layers"]
-            assert [(layer["indexed"], layer["blob_local"]) for layer in layers] == [(True, False), (True, False)]
+            assert [(layer["indexed"], layer["index"], layer["blob_local"]) for layer in layers] == \
+                   [(True, "estargz-toc", False)] * 2
 
             mp = mounts.mount(front.ref(pushed), tmp_path / "mnt", "--prefetch=none")
             assert front.blob_bytes(l1.digest) == pulled[l1.digest], "the mount fetched data up front"

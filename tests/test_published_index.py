@@ -296,7 +296,7 @@ def test_fresh_store_pulls_published_indexes_without_the_layers(published, regis
         remote = json.loads((cli.store / "indexes" / f"{digest[7:]}.remote.json").read_bytes())
         assert remote["size"] == len(whole) and remote["meta_size"] == len(meta)
     doc = json.loads(cli.run("inspect", "--json", front.ref("pubidx/lazy:1")).stdout)
-    assert [(l["indexed"], l["blob_local"]) for l in doc["layers"]] == [(True, False), (True, False)]
+    assert [(l["indexed"], l["index"], l["blob_local"]) for l in doc["layers"]] == [(True, "published", False)] * 2
     assert not list((cli.store / "tmp").glob("*.partial"))
     assert not (cli.store / "images" / image.digest[7:] / "profile.json").exists()  # none published
 
