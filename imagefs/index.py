@@ -117,7 +117,6 @@ class LayerIndex:
     points: list[SeekPoint]
     chunk_digests: list[bytes]
     windows: bytes | None = field(default=b"", repr=False)
-    version: int = FORMAT_VERSION
     windows_start: int = field(default=0, compare=False, repr=False)
     region_digests: list[bytes] | None = field(default=None, repr=False)
 
@@ -171,8 +170,8 @@ class LayerIndex:
                                 p.window_length, p.window_digest)
         for d in self.chunk_digests:
             meta += d
-        version = self.version
-        if self.region_digests is not None:
+        version = FORMAT_VERSION
+        if self.region_digests is not None:  # made from an eStargz TOC: format 2
             version = TOC_FORMAT_VERSION
             for d in self.region_digests:
                 meta += d or _NO_DIGEST
