@@ -20,9 +20,12 @@ from stores.reference import parse_reference
 from stores.store import ImageRecord, Store
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from concurrent.futures import Future
 
     from imagefs.fuse.daemon import Standby
+    from launcher.agent import StandbyPool
+    from launcher.run import TaskIO
     from stores.pull import SourceOptions
     from stores.source import Source
 
@@ -117,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", metavar="ID", help="container id (default: generated)")
     s.add_argument("--isolation", metavar="A,B,...", help="isolators (default: all)")
     s.add_argument("-d", "--detach", action="store_true", help="print the container id and return")
+    s.add_argument("--no-agent", action="store_true",
+                   help="launch from this process even when an `imagefs agent` serves the work dir")
     s.add_argument("ref", nargs="?")
     s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
     sub.add_parser("ps", help="containers known to this work dir")
@@ -129,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id")
     s.add_argument("--json", action="store_true")
     sub.add_parser("recover", help="clean up after a launcher that died: destroy ended containers, remove orphans")
+    sub.add_parser("agent", parents=[sources],
+                   help="serve `imagefs run` for this store and work dir from a resident process "
+                        "(as the Mesos agent): runs start without paying for Python's start-up")
     return p
 
 
@@ -590,9 +598,11 @@ def _is_registry(image: str) -> bool:
         return False  # an image id: found in the store, not pulled
 
 
-def _mount_standby(args: argparse.Namespace, image: str, backend: str | None) -> Standby | None:
+def _mount_standby(args: argparse.Namespace, image: str, backend: str | None,
+                   standbys: StandbyPool | None = None) -> Standby | None:
     """A standby mount server for the container's image, or None where none will be needed: the
-    backend is not imagefs, or the image's shared mount is up already."""
+    backend is not imagefs, or the image's shared mount is up already. *standbys*: an agent's,
+    taken from when its servers are started as this run's would be."""
     from imagefs.fuse import daemon
     from launcher.backends.imagefs import is_served
 
@@ -606,24 +616,49 @@ def _mount_standby(args: argparse.Namespace, image: str, backend: str | None) ->
         image_id = store.lookup(image)
     if image_id is not None and is_served(work, image_id):
         return None
+    prefix = daemon.cli_prefix(os.path.realpath(args.store), work, _source_flags(args))
+    if standbys is not None and _quiet(standbys.prefix) == _quiet(prefix):   # -v only changes what it logs
+        return standbys.take()
     try:
-        return daemon.spawn_standby(daemon.cli_prefix(os.path.realpath(args.store), work, _source_flags(args)), work)
+        return daemon.spawn_standby(prefix, work)
     except OSError as e:   # only a head start: the launch starts a server as it always did
         log.debug("no standby mount server: %s", e)
         return None
 
 
+def _quiet(prefix: list[str]) -> list[str]:
+    return [a for a in prefix if a != "-v"]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if not args.no_agent:
+        from launcher.agent_client import delegate
+
+        code = delegate(args.work_dir, args.store, args.cgroup_root, args.argv)
+        if code is not None:
+            return code
+    return _run_here(args)
+
+
+def _run_here(args: argparse.Namespace, io: TaskIO | None = None, *, environ: Mapping[str, str] | None = None,
+              cwd: str | None = None, standbys: StandbyPool | None = None) -> int:
+    """`imagefs run` in this process: with its console (*io* None), or for an agent's client (its
+    output, signals, environment and working directory; the agent's standby mount servers)."""
     import contextlib
 
     from launcher.task import parse_task, spec_from_args
 
+    def say(line: str) -> None:
+        if io is None:
+            print(line, file=sys.stderr)
+        else:
+            io.say(line)
     try:
         if args.task:
             if args.ref or args.cmd:
                 raise InputError("run", "--task takes no image or command")
             try:
-                data = open(args.task, "rb").read()
+                data = open(os.path.join(cwd or "", args.task), "rb").read()
             except OSError as e:
                 raise InputError(args.task, e.strerror or str(e)) from None
             spec = parse_task(data, what=args.task)
@@ -634,18 +669,93 @@ def cmd_run(args: argparse.Namespace) -> int:
             spec = spec_from_args(args.ref, command, volumes=args.volume, cpus=args.cpus, memory=args.memory,
                                   pids=args.pids, disk=args.disk, hostname=args.hostname, network=args.network,
                                   backend=args.backend, env=args.env, workdir=args.workdir, user=args.user,
-                                  name=args.name, isolation=args.isolation)
+                                  name=args.name, isolation=args.isolation,
+                                  environ=os.environ if environ is None else environ)
         with contextlib.ExitStack() as stack:
             image = _pull_ahead(args, spec.image)
-            standby = _mount_standby(args, spec.image, spec.backend)
+            standby = _mount_standby(args, spec.image, spec.backend, standbys)
             if standby is not None:
                 stack.enter_context(standby)   # dismissed if unused
             from launcher.run import run_task   # only now: see _pull_ahead
 
-            return run_task(_containerizer(args, standby), spec, detach=args.detach, image=image)
+            return run_task(_containerizer(args, standby), spec, detach=args.detach, image=image, io=io)
     except ImagefsError as e:  # run's own failures are 125, like docker's and podman's
-        print(e.line(), file=sys.stderr)
+        say(e.line())
         return getattr(e, "exit_code", 125)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import trio
+
+    from imagefs.fuse import daemon
+    from launcher.agent import Agent, StandbyPool
+
+    store, work = os.path.realpath(args.store), os.path.realpath(args.work_dir)
+    os.makedirs(work, exist_ok=True)
+    prefix = daemon.cli_prefix(store, work, _source_flags(args))
+    standbys = StandbyPool(prefix, lambda: daemon.spawn_standby(prefix, work, wait=True))
+    report = trio.run(_containerizer(args).recover)   # as the Mesos agent does when it starts
+    if report.destroyed or report.orphans:
+        log.info("agent: recovered: %d destroyed, %d orphans removed", len(report.destroyed), len(report.orphans))
+    _warm_up()
+
+    def ready() -> None:
+        print(f"imagefs agent: serving {work} (pid {os.getpid()})", flush=True)
+
+    return Agent(work, lambda request: _agent_task(args, request, standbys), standbys).serve(ready)
+
+
+def _warm_up() -> None:
+    """Import now what a run takes, so that no run waits for it (measured with
+    PYTHONPROFILEIMPORTTIME on an agent: these were ~0.1 s of a start)."""
+    import encodings.idna  # noqa: F401  (host names in URLs)
+
+    import httpx
+
+    import imagefs.estargz  # noqa: F401
+    import imagefs.prioritized  # noqa: F401
+    import imagefs.publish  # noqa: F401
+    import launcher.linux.cgroups  # noqa: F401
+    import launcher.run  # noqa: F401
+    import launcher.task  # noqa: F401
+    import stores.pull  # noqa: F401
+    import stores.registry  # noqa: F401
+
+    httpx.HTTPTransport().close()   # imports httpcore and h11, which httpx leaves to the first client
+
+
+def _agent_task(agent_args: argparse.Namespace, request: dict, standbys: StandbyPool):
+    """An agent's client's `imagefs run` (launcher/agent_client.py): the function running it, or
+    Refused when it is not this agent's to run (the client then runs it itself, as it would
+    with no agent): another store or work dir, other source settings, or paths relative to the
+    client's directory in what the sources open."""
+    from launcher.agent import Refused
+    from launcher.agent_client import SOURCE_ENV
+
+    try:
+        argv, env, cwd = list(request["run"]), dict(request["env"]), str(request["cwd"])
+        store, work = str(request["store"]), str(request["work_dir"])
+        cgroup_root = request.get("cgroup_root")
+    except (KeyError, TypeError, ValueError):
+        raise Refused("malformed request") from None
+    if (store, work) != (os.path.realpath(agent_args.store), os.path.realpath(agent_args.work_dir)):
+        raise Refused("this agent serves another store or work dir")
+    if any(env.get(k) != os.environ.get(k) for k in SOURCE_ENV):
+        raise Refused("the client's source settings ($IMAGEFS_*, $HOME) differ from the agent's")
+    try:
+        args = build_parser().parse_args(argv)
+    except ImagefsError as e:
+        raise Refused(e.line()) from None
+    if args.command != "run":
+        raise Refused("not a run")
+    relative = [v for v in (getattr(args, n, None) for n in ("ca_file", "auth_file", "appc_discovery"))
+                if v and "://" not in v and not os.path.isabs(v)]
+    if args.ref and args.ref.startswith(("oci:", "docker-archive:")) and not os.path.isabs(args.ref.split(":", 1)[1]):
+        relative.append(args.ref)
+    if relative:
+        raise Refused(f"{relative[0]}: a path relative to the client's directory")
+    args.store, args.work_dir, args.cgroup_root = store, work, cgroup_root
+    return lambda io: _run_here(args, io, environ=env, cwd=cwd, standbys=standbys)
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -689,13 +799,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "ps": cmd_ps, "kill": cmd_kill, "wait": cmd_wait, "stats": cmd_stats,
-            "recover": cmd_recover, "mount": cmd_mount, "umount": cmd_umount, "pull": cmd_pull, "index": cmd_index, "images": cmd_images, "inspect": cmd_inspect, "rmi": cmd_rmi, "gc": cmd_gc}
+            "recover": cmd_recover, "agent": cmd_agent, "mount": cmd_mount, "umount": cmd_umount, "pull": cmd_pull, "index": cmd_index, "images": cmd_images, "inspect": cmd_inspect, "rmi": cmd_rmi, "gc": cmd_gc}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     verbose = 0
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)   # as given: an agent parses it again
         verbose = args.verbose
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
                             # -vv: milliseconds since start, to see where a start's time goes

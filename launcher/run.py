@@ -11,6 +11,9 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -43,23 +46,54 @@ def parse_signal(text: str) -> int:
     raise InputError(text, "not a signal name or number")
 
 
-async def _follow(path: Path, out: BinaryIO, done: trio.Event) -> None:
+@dataclass
+class TaskIO:
+    """Where a foreground run's output goes and where the signals it forwards come from: this
+    process's own stdout, stderr and signals (`console`), or a client's (launcher/agent.py)."""
+
+    out: BinaryIO
+    err: BinaryIO
+    signals: Callable[[], AbstractAsyncContextManager[AsyncIterator[int]]]
+
+    @classmethod
+    def console(cls) -> TaskIO:
+        return cls(sys.stdout.buffer, sys.stderr.buffer, _console_signals)
+
+    def say(self, line: str) -> None:
+        self.err.write(line.encode(errors="replace") + b"\n")
+        self.err.flush()
+
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@asynccontextmanager
+async def _console_signals() -> AsyncIterator[AsyncIterator[int]]:
+    with trio.open_signal_receiver(*FORWARDED) as receiver:
+        yield receiver
+
+
+async def _follow(path: Path, out: BinaryIO | None, done: trio.Event) -> None:
     """Copy what is appended to *path* to *out* until *done*, then the rest."""
     with open(path, "rb") as f:
         while True:
             finished = done.is_set()
-            while block := f.read(65536):
-                out.write(block)
-                out.flush()
+            while out is not None and (block := f.read(65536)):
+                try:
+                    out.write(block)
+                    out.flush()
+                except BrokenPipeError:   # nobody reads it any more: the task runs on regardless
+                    out = None
             if finished:
                 return
             with trio.move_on_after(FOLLOW_INTERVAL):
                 await done.wait()
 
 
-def report(container_id: str, termination: Termination) -> None:
+def report(container_id: str, termination: Termination, io: TaskIO | None = None) -> None:
     if termination.reason and termination.message:
-        print(f"imagefs: {container_id}: {termination.message} ({termination.reason})", file=sys.stderr)
+        line = f"imagefs: {container_id}: {termination.message} ({termination.reason})"
+        (io or TaskIO.console()).say(line)
 
 
 def exit_code(termination: Termination) -> int:
@@ -69,16 +103,19 @@ def exit_code(termination: Termination) -> int:
 
 
 def run_task(containerizer: Containerizer, spec: TaskSpec, *, detach: bool = False,
-             image: Future[ImageRecord] | None = None) -> int:
-    """*image*: spec.image pulled ahead by the caller (see Containerizer.launch)."""
-    return trio.run(_run, containerizer, spec, detach, image)
+             image: Future[ImageRecord] | None = None, io: TaskIO | None = None) -> int:
+    """*image*: spec.image pulled ahead by the caller (see Containerizer.launch). *io*: this
+    process's console unless given."""
+    return trio.run(_run, containerizer, spec, detach, image, io or TaskIO.console())
 
 
-async def _run(containerizer: Containerizer, spec: TaskSpec, detach: bool, image: Future[ImageRecord] | None) -> int:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+async def _run(containerizer: Containerizer, spec: TaskSpec, detach: bool, image: Future[ImageRecord] | None,
+               io: TaskIO) -> int:
+    async with io.signals() as signals:
         container_id = await containerizer.launch(spec, image=image)
         if detach:
-            print(container_id)
+            io.out.write(f"{container_id}\n".encode())
+            io.out.flush()
             return 0
         sandbox = containerizer.dirs.sandbox(container_id)
         done = trio.Event()
@@ -90,12 +127,12 @@ async def _run(containerizer: Containerizer, spec: TaskSpec, detach: bool, image
         async with trio.open_nursery() as outer:
             outer.start_soon(forward)
             async with trio.open_nursery() as followers:
-                followers.start_soon(_follow, sandbox / "stdout", sys.stdout.buffer, done)
-                followers.start_soon(_follow, sandbox / "stderr", sys.stderr.buffer, done)
+                followers.start_soon(_follow, sandbox / "stdout", io.out, done)
+                followers.start_soon(_follow, sandbox / "stderr", io.err, done)
                 termination = await containerizer.wait(container_id)
                 done.set()  # the followers copy what is left and return
             outer.cancel_scope.cancel()
-    report(container_id, termination)
+    report(container_id, termination, io)
     return exit_code(termination)
 
 

@@ -360,13 +360,14 @@ class Standby:
         self.dismiss()
 
 
-def spawn_standby(cli_prefix: list[str], work_dir: str) -> Standby | None:
-    """Start a standby server (see above); None if another one of this work dir is waiting."""
+def spawn_standby(cli_prefix: list[str], work_dir: str, *, wait: bool = False) -> Standby | None:
+    """Start a standby server (see above); None if another one of this work dir is waiting, or
+    with *wait*, once that one has its job or is dismissed (an agent's next standby)."""
     state = _state_dir(work_dir)
     state.mkdir(parents=True, exist_ok=True)
     slot = os.open(state / _STANDBY_SLOT, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(slot, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(slot, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         os.close(slot)
         return None
