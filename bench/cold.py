@@ -26,6 +26,7 @@ manifest and config, over the link rate, plus four round trips (connect, manifes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -35,7 +36,7 @@ from bench.index_bench import _where
 from bench.link import rate_bits
 from bench.peers import Crun, crun_config, missing_tools, skopeo_copy, umoci_unpack
 from bench.results import Row
-from bench.system import Imagefs, has_imagefs_run, has_index_push, mount_prefetch_default
+from bench.system import Imagefs, has_agent, has_imagefs_run, has_index_push, mount_prefetch_default
 from bench.workload import Trace, Workload
 
 log = logging.getLogger("bench")
@@ -126,6 +127,7 @@ def run(ctx: Context) -> None:
 
 
 PEER = "skopeo copy + umoci unpack + reads"
+AGENT = "through a resident `imagefs agent`"
 START_PEER = "skopeo copy + umoci unpack + crun run"
 
 
@@ -170,12 +172,15 @@ def _phase_published(ctx: Context, tag: str, trace: Trace, workload: Workload, r
     where = _where(ctx, rate)
     s: dict[str, list[float]] = {k: [] for k in ("ifs_t", "ifs_b", "none_t", "none_b", "run_t", "run_b")}
     no_prefetch = mount_prefetch_default() not in (None, "none")
+    can_agent = has_agent()
     for i in range(ctx.mode.runs):
         _imagefs_pull_half(ctx, tag, trace, s)
         if no_prefetch:
             _imagefs_pull_half(ctx, tag, trace, s, "--prefetch=none", keys=("none_t", "none_b"))
         if can_run:
             _imagefs_run(ctx, tag, workload, s)
+            if can_agent:
+                _imagefs_run(ctx, tag, workload, s, agent=True)
         log.info("cold %s %s, index published, run %d: imagefs %.2f s %.1f MB", where, workload.name, i + 1,
                  s["ifs_t"][-1], s["ifs_b"][-1] / 1e6)
     what = f"`{workload.label}` on `{tag}`, {where}"
@@ -188,6 +193,8 @@ def _phase_published(ctx: Context, tag: str, trace: Trace, workload: Workload, r
         ctx.add(Row("cold", f"{what}: bytes transferred", subject, s["none_b"], PEER, peer["peer_b"], unit="B"))
     if can_run:
         _start_rows(ctx, trace, rate, what, "imagefs run, index published", s, peer)
+    if can_run and can_agent:
+        _start_rows(ctx, trace, rate, what, f"imagefs run, index published, {AGENT}", s, peer, agent=True)
 
 
 def _phase_profile(ctx: Context, repo: str, tag: str, trace: Trace, workload: Workload, rate: str | None,
@@ -196,10 +203,15 @@ def _phase_profile(ctx: Context, repo: str, tag: str, trace: Trace, workload: Wo
     s: dict[str, list[float]] = {"run_t": [], "run_b": []}
     for i in range(ctx.mode.runs):
         _imagefs_run(ctx, repo, workload, s)
+        if has_agent():
+            _imagefs_run(ctx, repo, workload, s, agent=True)
         log.info("cold %s %s, index and profile published, run %d: imagefs run %.2f s %.1f MB", where,
                  workload.name, i + 1, s["run_t"][-1], s["run_b"][-1] / 1e6)
-    _start_rows(ctx, trace, rate, f"`{workload.label}` on `{tag}`, {where}",
-                "imagefs run, index and profile published", s, peer)
+    what = f"`{workload.label}` on `{tag}`, {where}"
+    _start_rows(ctx, trace, rate, what, "imagefs run, index and profile published", s, peer)
+    if has_agent():
+        _start_rows(ctx, trace, rate, what, f"imagefs run, index and profile published, {AGENT}", s, peer,
+                    agent=True)
 
 
 def _recorded_profile(recorder: Imagefs) -> list[str]:
@@ -231,12 +243,18 @@ def _phases_estargz(ctx: Context, image, merged, profiles: dict[str, list[str]],
             for rate in ctx.mode.rates:
                 link.set_rate(rate)
                 s: dict[str, list[float]] = {"run_t": [], "run_b": []}
+                with_agent = has_agent() and tag != plain.tag   # the agent's rows: prioritized files
                 for i in range(ctx.mode.runs):
                     _imagefs_run(ctx, tag, workload, s)
+                    if with_agent:
+                        _imagefs_run(ctx, tag, workload, s, agent=True)
                     log.info("cold %s %s, %s, run %d: %.2f s %.1f MB", _where(ctx, rate), workload.name, subject,
                              i + 1, s["run_t"][-1], s["run_b"][-1] / 1e6)
-                _start_rows(ctx, trace, rate, f"`{workload.label}` on `{image.tag}`, {_where(ctx, rate)}",
-                            subject, s, peers[(rate, workload.name)])
+                what = f"`{workload.label}` on `{image.tag}`, {_where(ctx, rate)}"
+                _start_rows(ctx, trace, rate, what, subject, s, peers[(rate, workload.name)])
+                if with_agent:
+                    _start_rows(ctx, trace, rate, what, f"{subject}, {AGENT}", s, peers[(rate, workload.name)],
+                                agent=True)
     ctx.note("cold", f"eStargz rows: the image's layers rewritten by imagefs/estargz_writer.py (chunks of 4 MiB, "
                      f"{grown:.3f}x the gzip layers' size); the peer is still skopeo+umoci+crun on the plain gzip "
                      "image. 'with prioritized files': the workload's recorded profile put first in each layer, "
@@ -244,15 +262,16 @@ def _phases_estargz(ctx: Context, image, merged, profiles: dict[str, list[str]],
 
 
 def _start_rows(ctx: Context, trace: Trace, rate: str | None, what: str, subject: str, s: dict,
-                peer: dict) -> None:
+                peer: dict, *, agent: bool = False) -> None:
+    t, b = ("agent_t", "agent_b") if agent else ("run_t", "run_b")
     start_what = f"cold start to task exit: {what}"
-    ctx.add(Row("launch", f"{start_what}: time", subject, s["run_t"], START_PEER, peer["start_t"]))
-    ctx.add(Row("launch", f"{start_what}: bytes transferred", subject, s["run_b"], START_PEER, peer["peer_b"],
+    ctx.add(Row("launch", f"{start_what}: time", subject, s[t], START_PEER, peer["start_t"]))
+    ctx.add(Row("launch", f"{start_what}: bytes transferred", subject, s[b], START_PEER, peer["peer_b"],
                 unit="B"))
     f_seconds, f_bytes = floor(ctx, trace, rate)
-    ctx.add(Row("launch", f"{start_what}: time", subject, s["run_t"], "floor (computed)", [f_seconds],
+    ctx.add(Row("launch", f"{start_what}: time", subject, s[t], "floor (computed)", [f_seconds],
                 note="the floor leaves out the task's own run time"))
-    ctx.add(Row("launch", f"{start_what}: bytes transferred", subject, s["run_b"], "floor (computed)", [f_bytes],
+    ctx.add(Row("launch", f"{start_what}: bytes transferred", subject, s[b], "floor (computed)", [f_bytes],
                 unit="B"))
 
 
@@ -327,12 +346,16 @@ def _peer(ctx: Context, crun: Crun, tag: str, trace: Trace, workload: Workload, 
     ctx.discard(d)
 
 
-def _imagefs_run(ctx: Context, tag: str, workload: Workload, s: dict) -> None:
+def _imagefs_run(ctx: Context, tag: str, workload: Workload, s: dict, *, agent: bool = False) -> None:
+    """One cold `imagefs run`; with *agent*, through an `imagefs agent` started (untimed, as a
+    resident agent is) on the fresh store before the caches are dropped."""
     link = ctx.get_link()
     cli = ctx.fresh_imagefs("cold-run")
-    t, b = _counted(ctx, lambda: cli("run", "--network", "none", link.ref(tag), "--", *workload.argv))
-    s["run_t"].append(t)
-    s["run_b"].append(b)
+    with cli.agent() if agent else contextlib.nullcontext():
+        t, b = _counted(ctx, lambda: cli("run", "--network", "none", link.ref(tag), "--", *workload.argv))
+    keys = ("agent_t", "agent_b") if agent else ("run_t", "run_b")
+    s.setdefault(keys[0], []).append(t)
+    s.setdefault(keys[1], []).append(b)
     ctx.unmount_below(cli.store.parent)  # whatever shared mount `imagefs run` left behind
     ctx.discard(cli.store.parent)
 

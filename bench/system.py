@@ -13,6 +13,7 @@ Concurrency: none; call from one thread.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -20,7 +21,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def use_rev(rev: str, into: Path) -> None:
     CODE.dir, CODE.rev = into, rev
     has_imagefs_run.cache_clear()
     has_index_push.cache_clear()
+    has_agent.cache_clear()
     mount_prefetch_default.cache_clear()
 
 
@@ -91,6 +93,32 @@ class Imagefs:
     def __call__(self, *args: str | os.PathLike, timeout: float = 1800) -> subprocess.CompletedProcess:
         return run(*self.argv(*args), timeout=timeout, cwd=CODE.dir, env=CODE.env())
 
+    @contextlib.contextmanager
+    def agent(self, log: Path | None = None) -> Iterator[None]:
+        """`imagefs agent` serving this store and work dir while the block runs (its start is not
+        part of what the block measures, as a resident agent's is not part of a task's start);
+        ended by its PID afterwards. *log*: where its -vv log goes."""
+        argv = self.argv("-vv", "agent") if log else self.argv("agent")
+        with open(log or os.devnull, "w") as err:
+            proc = subprocess.Popen(argv, cwd=CODE.dir, env=CODE.env(), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=err if log else subprocess.PIPE, text=True)
+        try:
+            ready = proc.stdout.readline()   # written once it accepts connections
+            if not ready.startswith("imagefs agent: serving"):
+                why = proc.stderr.read()[-1500:] if proc.stderr else log.read_text()[-1500:]
+                raise RuntimeError(f"imagefs agent did not start: {why}")
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            if proc.stderr:
+                proc.stderr.close()
+
     def server(self, mountpoint: Path) -> tuple[int, float] | None:
         """(pid, create time) of the server of *mountpoint*, from its record."""
         from imagefs.fuse.daemon import load_record
@@ -118,6 +146,14 @@ def mount_prefetch_default() -> str | None:
 
     m = re.search(r"--prefetch[^\n]*?(?:\n[^-\n][^\n]*)*?default:? ?([a-z]+)", r.stdout)
     return m.group(1) if m else "?"
+
+
+@functools.cache
+def has_agent() -> bool:
+    """Whether this checkout's CLI has `imagefs agent` (a resident launcher `imagefs run` uses)."""
+    r = subprocess.run([sys.executable, "-m", "imagefs", "agent", "--help"], capture_output=True, cwd=CODE.dir,
+                       env=CODE.env(), stdin=subprocess.DEVNULL)
+    return r.returncode == 0
 
 
 @functools.cache
