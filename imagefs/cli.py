@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from imagefs.errors import EXIT_RUNTIME, EXIT_USAGE, ImagefsError, InputError, NotFound
-from stores.model import Layer
-from stores.reference import parse_reference
-from stores.store import ImageRecord, Store
+
+# The stores, the launcher and the rest are imported where a command needs them: an `imagefs run`
+# that an agent serves (launcher/agent_client.py) needs none of them.
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -26,8 +26,10 @@ if TYPE_CHECKING:
     from imagefs.fuse.daemon import Standby
     from launcher.agent import StandbyPool
     from launcher.run import TaskIO
+    from stores.model import Layer
     from stores.pull import SourceOptions
     from stores.source import Source
+    from stores.store import ImageRecord, Store
 
 log = logging.getLogger("imagefs")
 
@@ -160,6 +162,8 @@ def _platform(args: argparse.Namespace):
 
 
 def find_image(store: Store, ref: str) -> ImageRecord:
+    from stores.reference import parse_reference
+
     try:
         name = str(parse_reference(ref))
     except InputError:
@@ -181,6 +185,7 @@ def _human(n: float) -> str:
 def cmd_pull(args: argparse.Namespace) -> int:
     from imagefs.progress import progress_for
     from stores.pull import pull
+    from stores.store import Store
 
     store = Store(args.store)
     with progress_for(sys.stderr, quiet=args.quiet) as progress:
@@ -199,7 +204,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from imagefs.progress import progress_for
     from imagefs.publish import publish
     from stores.pull import pull
-    from stores.reference import DockerReference
+    from stores.reference import DockerReference, parse_reference
     from stores.registry import RegistrySource
 
     if args.push and not isinstance(parse_reference(args.ref), DockerReference):
@@ -249,6 +254,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from stores.store import Store
+
     store = Store(args.store)
     by_image: dict[str, list[str]] = {}
     for ref, image_id in store.refs().items():
@@ -307,6 +314,8 @@ def _index_kind(store: Store, layer: Layer) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from stores.store import Store
+
     store = Store(args.store)
     doc = inspect_doc(store, find_image(store, args.ref))
     if args.json:
@@ -333,6 +342,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
+    from stores.reference import parse_reference
+    from stores.store import Store
+
     store = Store(args.store)
     status = 0
     for ref in args.refs:
@@ -372,6 +384,8 @@ def images_in_use(work_dir: str) -> set[str]:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from stores.store import Store
+
     removed = Store(args.store).gc(images_in_use(args.work_dir))
     print(f"removed {removed['images']} images, {removed['blobs']} blobs, {removed['indexes']} indexes, "
           f"{removed['chunks']} chunk caches, {removed['layers']} extracted layers ({_human(removed['bytes'])})")
@@ -422,6 +436,7 @@ def _await_mount_job(args: argparse.Namespace) -> bool:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from imagefs.fuse import daemon
+    from stores.store import Store
 
     if args.standby_fd is not None and not _await_mount_job(args):
         return 0
@@ -497,7 +512,7 @@ class _SourceAhead:
         import concurrent.futures
         import threading
 
-        from stores.reference import DockerReference
+        from stores.reference import DockerReference, parse_reference
 
         try:
             if not isinstance(parse_reference(self._reference), DockerReference):
@@ -546,6 +561,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def _containerizer(args: argparse.Namespace, mount_standby: Standby | None = None):
     from launcher.containerizer import Containerizer
+    from stores.store import Store
 
     return Containerizer(Store(args.store), args.work_dir, source_options=source_options(args),
                          source_flags=_source_flags(args), cgroup_root=args.cgroup_root,
@@ -562,6 +578,7 @@ def _pull_ahead(args: argparse.Namespace, image: str) -> Future[ImageRecord]:
     import threading
 
     from stores.pull import find_or_pull
+    from stores.store import Store
 
     future: Future[ImageRecord] = concurrent.futures.Future()
     store, options = Store(args.store), source_options(args)
@@ -590,7 +607,7 @@ def _pull_ahead(args: argparse.Namespace, image: str) -> Future[ImageRecord]:
 
 
 def _is_registry(image: str) -> bool:
-    from stores.reference import DockerReference
+    from stores.reference import DockerReference, parse_reference
 
     try:
         return isinstance(parse_reference(image), DockerReference)
@@ -605,6 +622,8 @@ def _mount_standby(args: argparse.Namespace, image: str, backend: str | None,
     taken from when its servers are started as this run's would be."""
     from imagefs.fuse import daemon
     from launcher.backends.imagefs import is_served
+    from stores.reference import parse_reference
+    from stores.store import Store
 
     if (backend or "imagefs") != "imagefs":
         return None
