@@ -206,6 +206,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from stores.pull import pull
     from stores.reference import DockerReference, parse_reference
     from stores.registry import RegistrySource
+    from stores.store import Store
 
     if args.push and not isinstance(parse_reference(args.ref), DockerReference):
         raise InputError(args.ref, "indexes can only be published to a registry (docker://...)")
@@ -828,8 +829,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.argv = list(sys.argv[1:] if argv is None else argv)   # as given: an agent parses it again
         verbose = args.verbose
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+                            datefmt="%H:%M:%S",
                             # -vv: milliseconds since start, to see where a start's time goes
-                            format="imagefs %(relativeCreated)5.0fms %(threadName)s: %(message)s" if verbose > 1
+                            # and the wall clock, to line up an agent's, a client's and a mount server's
+                            format="imagefs %(asctime)s.%(msecs)03d %(relativeCreated)5.0fms %(threadName)s: "
+                                   "%(message)s" if verbose > 1
                             else "imagefs: %(message)s")
         return COMMANDS[args.command](args)
     except ImagefsError as e:
