@@ -739,9 +739,10 @@ def _warm_up() -> None:
     import launcher.run  # noqa: F401
     import launcher.task  # noqa: F401
     import stores.pull  # noqa: F401
-    import stores.registry  # noqa: F401
+    import stores.registry
 
     httpx.HTTPTransport().close()   # imports httpcore and h11, which httpx leaves to the first client
+    stores.registry.system_tls_context()
 
 
 def _agent_task(agent_args: argparse.Namespace, request: dict, standbys: StandbyPool):
