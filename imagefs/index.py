@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import lz4.frame
@@ -330,8 +330,14 @@ def _is_normal(path: bytes) -> bool:
 
 def build_index(chunks: Iterable[bytes], *, digest: str, size: int, compression: Compression,
                 root: str = "", span: int = DEFAULT_SPAN, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                warn: Callable[[str], None] | None = None) -> LayerIndex:
+                warn: Callable[[str], None] | None = None, wanted: Sequence[int] = (),
+                ends: Sequence[int] = ()) -> LayerIndex:
     """Index the layer blob whose bytes *chunks* yields in order, in one pass (imagefs/layerscan.py).
+
+    A gzip layer gets, besides its seek points every *span*, one at or just before each *wanted*
+    uncompressed offset (where the data a start reads begins: imagefs/profile_points.py), unless
+    a point is less than `zran.MIN_LEAD` before it already, and one at or just after each of
+    *ends* (where that data ends).
 
     Raises InputError (DigestMismatch for a wrong digest) naming the layer if the blob is not
     *size* bytes with sha256 *digest*, does not decompress, or is not a tar. Members with absolute
@@ -342,8 +348,11 @@ def build_index(chunks: Iterable[bytes], *, digest: str, size: int, compression:
         raise InputError(f"layer {digest}", f"unknown compression {compression!r}")
     if size < 0 or span <= 0 or chunk_size <= 0:
         raise ValueError("size must be >= 0, span and chunk_size > 0")
+    if any(w < 0 for w in (*wanted, *ends)):
+        raise ValueError("wanted offsets must not be negative")
     scan = scan_layer(chunks, digest=digest, size=size, compression=compression, root=root, span=span,
-                      chunk_size=chunk_size, warn=warn)
+                      chunk_size=chunk_size, warn=warn, wanted=sorted(set(wanted)),
+                      ends=sorted(set(ends)))
     points, windows = _store_points(scan.points)
     return LayerIndex(digest, size, compression, scan.uncompressed_size, root, span, chunk_size, scan.entries,
                       points, scan.chunk_digests, windows)

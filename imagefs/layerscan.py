@@ -18,7 +18,7 @@ import hashlib
 import logging
 import tarfile
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal
 from typing import Protocol
@@ -40,7 +40,7 @@ class LayerScan:
     """What one pass over a layer found."""
 
     entries: list[Entry]
-    points: list[zran.ScanPoint]   # gzip: deflate block boundaries; zstd: frame starts
+    points: list[zran.ScanPoint]   # gzip: deflate block boundaries (span apart, and wanted); zstd: frame starts
     chunk_digests: list[bytes]
     uncompressed_size: int
 
@@ -256,8 +256,8 @@ class _Plain:
 
 
 class _Gzip:
-    def __init__(self, span: int) -> None:
-        self._scanner = zran.GzipScanner(span)
+    def __init__(self, span: int, wanted: Sequence[int], ends: Sequence[int]) -> None:
+        self._scanner = zran.GzipScanner(span, wanted, ends=ends)
         self.points = self._scanner.points
 
     def feed(self, data: bytes) -> Iterator[bytes]:
@@ -462,8 +462,13 @@ def _scan_tar(source: _TarSource, maker: EntryMaker) -> list[Entry]:
 
 
 def scan_layer(chunks: Iterable[bytes], *, digest: str, size: int, compression: Compression,
-               root: str, span: int, chunk_size: int, warn: Callable[[str], None] | None = None) -> LayerScan:
+               root: str, span: int, chunk_size: int, warn: Callable[[str], None] | None = None,
+               wanted: Sequence[int] = (), ends: Sequence[int] = ()) -> LayerScan:
     """Index the layer blob whose bytes *chunks* yields in order (see the module docstring).
+
+    *wanted*: uncompressed offsets that should get a seek point at or just before them, *ends*
+    offsets that should get one at or just after them (gzip only: `zran.GzipScanner`; zstd points
+    stay at frame starts, a plain layer needs none).
 
     Raises InputError (DigestMismatch for a wrong digest) naming the layer if the blob is not
     *size* bytes with sha256 *digest*, does not decompress, or is not a tar. Members with absolute
@@ -472,7 +477,8 @@ def scan_layer(chunks: Iterable[bytes], *, digest: str, size: int, compression: 
     what = f"layer {digest}"
     maker = EntryMaker(root, warn or log.warning, what)
     hasher = _BlobHasher(what, size, chunk_size)
-    decoder: _Decoder = _Plain() if compression == "none" else _Gzip(span) if compression == "gzip" else _Zstd(span)
+    decoder: _Decoder = (_Plain() if compression == "none" else _Gzip(span, wanted, ends) if compression == "gzip"
+                         else _Zstd(span))
     chunk_iter = iter(chunks)
     source = _TarSource(_pieces(chunk_iter, hasher, decoder))
     problem: Exception | None = None

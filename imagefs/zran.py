@@ -13,6 +13,18 @@ index formats, while we build the index in the same single pass that feeds the t
 per-chunk digests, and store each window separately so a remote reader range-fetches only the
 windows it uses. Python's zlib has no inflatePrime, hence ctypes on the system libz.
 
+Extra seek points: a scanner can be given *wanted* uncompressed offsets, such as where the data of
+the files a container reads first starts. It keeps the last block boundary it passed as a
+candidate, and when the output passes a wanted offset it commits that candidate (the last boundary
+at or before the offset) as a seek point too, unless a point already lies less than `min_lead`
+bytes of output before the offset. A read of the file then restarts a few KiB before it instead of
+half a span. Offsets given as *ends* (where such data ends) get a point at the first boundary at
+or after them: the region holding the data's tail then ends with the block that holds it, so a
+reader never fetches further than that block for it. The regular points are unaffected: they are exactly those of a scan without wanted
+offsets (`span` is counted from the last regular point), so the extra points are the only
+difference. The candidate's window stays in the output buffer and is copied only when the buffer
+wraps while a wanted offset is still ahead.
+
 Gzip members: concatenated members are legal gzip and do occur. The scanner also offers every
 member start (just after its header) as a seek point, with an empty window since a new member never
 refers back. A span may still contain member boundaries (when members are shorter than `span`):
@@ -33,13 +45,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 WINDOW_SIZE = 32768  # deflate's maximum back-reference distance
 # A seek point's `bits` value saying its coffset is the first byte of a gzip member's *header*
 # (eStargz puts one before every file chunk): inflation starts there with gzip framing, no window.
 MEMBER_START = 8
+# Extra seek points (see the module docstring) closer than this after an existing point are not
+# made: a window costs ~12-16 KiB of lz4 in the index, about what this much lead-in costs in gzip.
+MIN_LEAD = 64 << 10
 _OUT_SIZE = 256 * 1024  # output produced per piece: big enough that Python overhead is noise
 
 # zlib.h constants.
@@ -131,18 +146,29 @@ class ScanPoint:
 
 
 class GzipScanner:
-    """Inflates a (multi-member) gzip stream fed in pieces and records seek points `span` apart.
+    """Inflates a (multi-member) gzip stream fed in pieces and records seek points `span` apart,
+    and one at or just before each *wanted* offset (see the module docstring).
 
     Usage: `for out in scanner.feed(piece): ...` for every piece in order, then `finish()`.
     Always `close()` (or use it as a context manager) to free the z_stream; `finish()` closes too.
     Not thread-safe: one owner.
     """
 
-    def __init__(self, span: int) -> None:
-        if span <= 0:
-            raise ValueError("span must be positive")
+    def __init__(self, span: int, wanted: Iterable[int] = (), min_lead: int = MIN_LEAD,
+                 ends: Iterable[int] = ()) -> None:
+        if span <= 0 or min_lead < 0:
+            raise ValueError("span must be positive, min_lead not negative")
         self.span = span
+        self.min_lead = min_lead
         self.points: list[ScanPoint] = []
+        self._wanted = sorted(set(wanted))  # extra points: see the module docstring
+        self._next_wanted = 0  # _wanted[:_next_wanted] have been dealt with
+        self._ends = sorted(set(ends))  # offsets that get a point at the first boundary at or after
+        self._next_end = 0
+        # The last block boundary passed: uoffset, coffset, bits, where its window ends in _buf and
+        # its length, and the window itself once copied (None while it is still in _buf).
+        self._cand: tuple[int, int, int, int, int] | None = None
+        self._cand_window: bytes | None = None
         self.total_in = 0  # compressed bytes consumed so far
         self.total_out = 0  # uncompressed bytes produced so far
         self._strm: _ZStream | None = _new_stream(_GZIP_WBITS)
@@ -156,7 +182,8 @@ class GzipScanner:
         self._member_out = 0  # output of the current member (limits the window)
         self._member_done = False  # the last member ended; a new one may follow
         self._started = False
-        self._last_point = 0
+        self._last_point = 0  # uoffset of the last regular point
+        self._regular = False  # a regular point was taken (the first one, at offset 0)
 
     def __enter__(self) -> GzipScanner:
         return self
@@ -192,6 +219,7 @@ class GzipScanner:
                 self._member_done, self._member_out = False, 0
             if self._pos == self._cap:
                 yield from self._emit()
+                self._keep_candidate_window()
                 # Keep the last 32 KiB at the front as the window for points taken next.
                 ctypes.memmove(self._base, self._base + self._cap - WINDOW_SIZE, WINDOW_SIZE)
                 self._pos = self._emitted = WINDOW_SIZE
@@ -206,6 +234,7 @@ class GzipScanner:
             self.total_in = start_in + size - strm.avail_in
             if ret == Z_STREAM_END:
                 self._member_done = True
+                self._wanted_passed(self.total_out)  # passed in the member's last block
                 continue
             if ret == Z_BUF_ERROR:  # no progress possible: it needs the next piece of input
                 break
@@ -213,17 +242,66 @@ class GzipScanner:
             # Bit 7: stopped at a block boundary or just after a header; bit 6: in the last block,
             # so what follows is the trailer, not a block.
             dt = strm.data_type
-            if dt & 128 and not dt & 64 and (
-                    not self.points or self.total_out - self._last_point >= self.span):
-                self._take_point(dt & 7)
+            if dt & 128 and not dt & 64:
+                self._boundary(dt & 7)
         del keep
         yield from self._emit()
 
-    def _take_point(self, bits: int) -> None:
-        wlen = min(WINDOW_SIZE, self._member_out)
-        window = ctypes.string_at(self._base + self._pos - wlen, wlen)
-        self.points.append(ScanPoint(self.total_out, self.total_in, bits, window))
-        self._last_point = self.total_out
+    def _boundary(self, bits: int) -> None:
+        """At a block boundary (or a member start): extra points for the wanted offsets passed
+        since the last boundary, then this boundary as the candidate, then the regular rule."""
+        out = self.total_out
+        self._wanted_passed(out)
+        self._cand = (out, self.total_in, bits, self._pos, min(WINDOW_SIZE, self._member_out))
+        self._cand_window = None
+        wanted, i = self._wanted, self._next_wanted
+        while i < len(wanted) and wanted[i] == out:  # a wanted offset right at this boundary
+            self._commit(wanted[i])
+            i += 1
+        self._next_wanted = i
+        ends, j = self._ends, self._next_end
+        if j < len(ends) and ends[j] <= out:  # ends passed since the last boundary: a point here
+            while j < len(ends) and ends[j] <= out:
+                j += 1
+            self._next_end = j
+            if not self.points or self.points[-1].uoffset != out:
+                self._commit(out)
+        if not self._regular or out - self._last_point >= self.span:
+            self._regular, self._last_point = True, out
+            if not self.points or self.points[-1].uoffset != out:  # not taken as an extra already
+                self._commit(out)
+
+    def _wanted_passed(self, out: int) -> None:
+        """Extra points for the wanted offsets before *out*: the candidate precedes them all."""
+        wanted, i = self._wanted, self._next_wanted
+        while i < len(wanted) and wanted[i] < out:
+            if self._cand is not None:
+                self._commit(wanted[i])
+            i += 1
+        self._next_wanted = i
+
+    def _commit(self, target: int) -> None:
+        """The candidate as a seek point for *target* (a wanted offset, or the candidate's own
+        offset for a regular point), unless a point at most `min_lead` before it exists."""
+        assert self._cand is not None
+        uoffset, coffset, bits, end, wlen = self._cand
+        if self.points:
+            last = self.points[-1].uoffset
+            if uoffset <= last or (target != uoffset and target - last < self.min_lead):
+                return
+        window = self._cand_window
+        if window is None:
+            window = ctypes.string_at(self._base + end - wlen, wlen)
+        self.points.append(ScanPoint(uoffset, coffset, bits, window))
+
+    def _keep_candidate_window(self) -> None:
+        """The output buffer is about to wrap: copy the candidate's window out of it if a wanted
+        offset may still commit the candidate."""
+        if (self._cand is not None and self._cand_window is None and self._next_wanted < len(self._wanted)
+                and (not self.points or self._cand[0] > self.points[-1].uoffset)):
+            _, _, _, end, wlen = self._cand
+            self._cand_window = ctypes.string_at(self._base + end - wlen, wlen)
+        # Otherwise its place in _buf goes stale, harmlessly: _commit returns before using it.
 
     def _emit(self) -> Iterator[bytes]:
         if self._pos > self._emitted:
