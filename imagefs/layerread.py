@@ -190,6 +190,7 @@ class LayerReader:
         self._cursors: list[_Cursor] = []  # idle ones, oldest first
         self._windows: OrderedDict[int, bytes] = OrderedDict()  # range-fetched windows, by region
         self._region_locks: dict[int, threading.Lock] = {}
+        self._window_locks: dict[int, threading.Lock] = {}  # one window fetch at a time per region
         self._max_cursors = max_cursors
 
     @property
@@ -415,12 +416,20 @@ class LayerReader:
             if window is not None:
                 self._windows.move_to_end(region)
                 return window
-        assert self._fetch_index is not None
-        window = index.decode_window(region, self._fetch_index(*index.window_range(region)))
-        with self._lock:  # kept: a region is restarted from its point by every read behind its cursors
-            self._windows[region] = window
-            while len(self._windows) > _MAX_WINDOWS:
-                self._windows.popitem(last=False)
+            fetching = self._window_locks.setdefault(region, threading.Lock())
+        # One fetch per window: the profile prefetch, the read-ahead of an open and the read itself
+        # all ask for it at once. (Nothing waited on here holds this lock: no deadlock.)
+        with fetching:
+            with self._lock:
+                window = self._windows.get(region)
+            if window is not None:
+                return window
+            assert self._fetch_index is not None
+            window = index.decode_window(region, self._fetch_index(*index.window_range(region)))
+            with self._lock:  # kept: a region is restarted from its point by every read behind its cursors
+                self._windows[region] = window
+                while len(self._windows) > _MAX_WINDOWS:
+                    self._windows.popitem(last=False)
         return window
 
     def _park(self, cursor: _Cursor) -> None:
