@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from imagefs.errors import EXIT_RUNTIME, EXIT_USAGE, ImagefsError, InputError, NotFound
-from stores.model import Layer
-from stores.reference import parse_reference
-from stores.store import ImageRecord, Store
+
+# The stores, the launcher and the rest are imported where a command needs them: an `imagefs run`
+# that an agent serves (launcher/agent_client.py) needs none of them.
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -26,8 +26,10 @@ if TYPE_CHECKING:
     from imagefs.fuse.daemon import Standby
     from launcher.agent import StandbyPool
     from launcher.run import TaskIO
+    from stores.model import Layer
     from stores.pull import SourceOptions
     from stores.source import Source
+    from stores.store import ImageRecord, Store
 
 log = logging.getLogger("imagefs")
 
@@ -160,6 +162,8 @@ def _platform(args: argparse.Namespace):
 
 
 def find_image(store: Store, ref: str) -> ImageRecord:
+    from stores.reference import parse_reference
+
     try:
         name = str(parse_reference(ref))
     except InputError:
@@ -181,6 +185,7 @@ def _human(n: float) -> str:
 def cmd_pull(args: argparse.Namespace) -> int:
     from imagefs.progress import progress_for
     from stores.pull import pull
+    from stores.store import Store
 
     store = Store(args.store)
     with progress_for(sys.stderr, quiet=args.quiet) as progress:
@@ -200,8 +205,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     from imagefs.progress import progress_for
     from imagefs.publish import publish
     from stores.pull import pull
-    from stores.reference import DockerReference
+    from stores.reference import DockerReference, parse_reference
     from stores.registry import RegistrySource
+    from stores.store import Store
 
     if args.push and not isinstance(parse_reference(args.ref), DockerReference):
         raise InputError(args.ref, "indexes can only be published to a registry (docker://...)")
@@ -254,6 +260,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from stores.store import Store
+
     store = Store(args.store)
     by_image: dict[str, list[str]] = {}
     for ref, image_id in store.refs().items():
@@ -312,6 +320,8 @@ def _index_kind(store: Store, layer: Layer) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from stores.store import Store
+
     store = Store(args.store)
     doc = inspect_doc(store, find_image(store, args.ref))
     if args.json:
@@ -338,6 +348,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
+    from stores.reference import parse_reference
+    from stores.store import Store
+
     store = Store(args.store)
     status = 0
     for ref in args.refs:
@@ -377,6 +390,8 @@ def images_in_use(work_dir: str) -> set[str]:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from stores.store import Store
+
     removed = Store(args.store).gc(images_in_use(args.work_dir))
     print(f"removed {removed['images']} images, {removed['blobs']} blobs, {removed['indexes']} indexes, "
           f"{removed['chunks']} chunk caches, {removed['layers']} extracted layers ({_human(removed['bytes'])})")
@@ -427,6 +442,7 @@ def _await_mount_job(args: argparse.Namespace) -> bool:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from imagefs.fuse import daemon
+    from stores.store import Store
 
     if args.standby_fd is not None and not _await_mount_job(args):
         return 0
@@ -502,7 +518,7 @@ class _SourceAhead:
         import concurrent.futures
         import threading
 
-        from stores.reference import DockerReference
+        from stores.reference import DockerReference, parse_reference
 
         try:
             if not isinstance(parse_reference(self._reference), DockerReference):
@@ -551,6 +567,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def _containerizer(args: argparse.Namespace, mount_standby: Standby | None = None):
     from launcher.containerizer import Containerizer
+    from stores.store import Store
 
     return Containerizer(Store(args.store), args.work_dir, source_options=source_options(args),
                          source_flags=_source_flags(args), cgroup_root=args.cgroup_root,
@@ -567,6 +584,7 @@ def _pull_ahead(args: argparse.Namespace, image: str) -> Future[ImageRecord]:
     import threading
 
     from stores.pull import find_or_pull
+    from stores.store import Store
 
     future: Future[ImageRecord] = concurrent.futures.Future()
     store, options = Store(args.store), source_options(args)
@@ -595,7 +613,7 @@ def _pull_ahead(args: argparse.Namespace, image: str) -> Future[ImageRecord]:
 
 
 def _is_registry(image: str) -> bool:
-    from stores.reference import DockerReference
+    from stores.reference import DockerReference, parse_reference
 
     try:
         return isinstance(parse_reference(image), DockerReference)
@@ -610,6 +628,8 @@ def _mount_standby(args: argparse.Namespace, image: str, backend: str | None,
     taken from when its servers are started as this run's would be."""
     from imagefs.fuse import daemon
     from launcher.backends.imagefs import is_served
+    from stores.reference import parse_reference
+    from stores.store import Store
 
     if (backend or "imagefs") != "imagefs":
         return None
@@ -724,9 +744,10 @@ def _warm_up() -> None:
     import launcher.run  # noqa: F401
     import launcher.task  # noqa: F401
     import stores.pull  # noqa: F401
-    import stores.registry  # noqa: F401
+    import stores.registry
 
     httpx.HTTPTransport().close()   # imports httpcore and h11, which httpx leaves to the first client
+    stores.registry.system_tls_context()
 
 
 def _agent_task(agent_args: argparse.Namespace, request: dict, standbys: StandbyPool):
@@ -814,8 +835,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.argv = list(sys.argv[1:] if argv is None else argv)   # as given: an agent parses it again
         verbose = args.verbose
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+                            datefmt="%H:%M:%S",
                             # -vv: milliseconds since start, to see where a start's time goes
-                            format="imagefs %(relativeCreated)5.0fms %(threadName)s: %(message)s" if verbose > 1
+                            # and the wall clock, to line up an agent's, a client's and a mount server's
+                            format="imagefs %(asctime)s.%(msecs)03d %(relativeCreated)5.0fms %(threadName)s: "
+                                   "%(message)s" if verbose > 1
                             else "imagefs: %(message)s")
         return COMMANDS[args.command](args)
     except ImagefsError as e:
