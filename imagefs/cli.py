@@ -604,6 +604,8 @@ def _pull_ahead(args: argparse.Namespace, image: str) -> Future[ImageRecord]:
                 future.set_exception(e)
                 return
             future.set_result(record)
+            if remote:   # the files of a published access profile, while the mount starts
+                early.profile(record)
         finally:
             early.finish()
 

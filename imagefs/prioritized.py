@@ -1,4 +1,5 @@
-"""Fetch an eStargz image's prioritized files while the rest of its start goes on.
+"""Fetch an image's prioritized files while the rest of its start goes on: an eStargz image's, and
+the files of an access profile published with the indexes.
 
 An eStargz layer puts the files its image's first run reads (its prioritized files) first, before
 a `.prefetch.landmark`, so their data is one byte range at the start of the blob, known as soon as
@@ -9,22 +10,33 @@ the launcher builds the container; the mount's own prefetcher would start only o
 up. The two processes share the cache (imagefs/chunkcache.py locks what each is fetching), so
 nothing is fetched twice and a read of a chunk being fetched here waits for it.
 
-Concurrency: `layer` may be called from several threads (the pull's, one per layer); `finish`
+An image whose indexes and access profile were published (imagefs/publish.py) is fetched the
+same way once the pull is done (`profile`): the profile's files are looked up in the layer indexes
+the pull kept, and the compressed ranges their reads will start with (from the seek point before
+each file, as the mount's read-ahead computes them) go into the chunk caches, each chunk checked
+against its digest, in profile order. Only the chunks: the 32 KiB windows those reads restart from
+stay with the mount, which keeps them in memory and would fetch them again (the prefetcher there
+fetches them first; the chunks it then asks for are here, or being fetched here and waited for).
+
+Concurrency: `layer` and `profile` may be called from several threads (the pull's, one per layer); `finish`
 once, at the end. Failures are logged and left to the mount, whose reads fetch what is missing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from imagefs.chunkcache import ChunkCache
-from imagefs.index import DEFAULT_CHUNK_SIZE
+from imagefs.entry import EntryType
+from imagefs.errors import ImagefsError
+from imagefs.index import DEFAULT_CHUNK_SIZE, LayerIndex
 from stores.model import Layer
 from stores.source import Source
-from stores.store import Store
+from stores.store import ImageRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +83,41 @@ class PrioritizedFetch:
         except Exception as e:  # noqa: BLE001 - only a head start: the mount fetches what is missing
             log.debug("layer %s: no early fetch of prioritized files: %s", layer.digest[:19], e)
 
+    def profile(self, record: ImageRecord) -> None:
+        """The pull of *record* is done: start fetching its access profile's files, unless an
+        eStargz layer's prioritized files (the same files, where an image has both) are on their way."""
+        try:
+            with self._lock:
+                if self._jobs:
+                    return
+            paths = self._store.read_profile(record.id)
+            ranges = profile_ranges(self._store, record, paths) if paths else []
+            if not ranges:
+                return
+            with self._lock:
+                if self._source is None:
+                    self._source = self._open_source()
+                    self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="imagefs-prioritized")
+                source, pool = self._source, self._pool
+                assert pool is not None
+                caches: dict[str, ChunkCache] = {}
+                for layer, index, start, end in ranges:
+                    cache = caches.get(layer.digest)
+                    if cache is None:
+                        cache = caches[layer.digest] = ChunkCache(
+                            self._store.chunks_dir(layer.digest), layer.size, index.chunk_size, index.chunk_digests,
+                            lambda first, n, d=layer.digest: source.read_range(d, first, n),
+                            what=f"layer {layer.digest}")
+                        self._caches.append(cache)
+                    self.bytes += end - start
+                    size, step = cache.chunk_size, max(1, PIECE // cache.chunk_size)
+                    last = (end - 1) // size + 1
+                    self._jobs += [pool.submit(cache.ensure, first, min(first + step, last))
+                                   for first in range(start // size, last, step)]
+            log.info("image %s: fetching the files of its access profile (%d bytes)", record.id[:12], self.bytes)
+        except Exception as e:  # noqa: BLE001 - only a head start: the mount fetches what is missing
+            log.debug("image %s: no early fetch of its profile: %s", record.id[:12], e)
+
     def finish(self) -> None:
         """Wait for what was started, then let go of the caches and the source."""
         with self._lock:
@@ -89,3 +136,63 @@ class PrioritizedFetch:
             source.close()
         if jobs:
             log.info("prioritized files fetched")
+
+
+def profile_ranges(store: Store, record: ImageRecord, paths: list[str]) -> list[tuple[Layer, LayerIndex, int, int]]:
+    """(layer, its index, compressed start, end) of each of *paths* (an access profile: regular
+    files of the image, in order) that a remote layer holds, as the mount's read-ahead on opening
+    it would fetch (LayerReader.readahead_extent). A path is served by the topmost layer that has
+    an entry for it (the profile was recorded on the union, where it was a file, so no layer above
+    that one hides it); a hardlink by its target's data. Layers held whole, or without a gzip or
+    zstd index of their own (eStargz TOCs, plain tars), are left out."""
+    from imagefs.layerread import LayerReader
+
+    wanted = {os.fsencode(p): n for n, p in enumerate(paths)}
+    found: dict[bytes, tuple[int, int, int]] = {}   # path -> (layer position, data offset, size)
+    usable: dict[int, tuple[Layer, LayerIndex]] = {}
+    layers = record.image.layers
+    for pos in reversed(range(len(layers))):
+        layer = layers[pos]
+        index = _published_index(store, layer)
+        if index is None:
+            break   # what this layer holds is not known here: nothing below it can be trusted to serve
+        by_path = {e.path: e for e in index.entries}
+        for path in wanted.keys() - found.keys():
+            entry = by_path.get(path)
+            if entry is not None and entry.type == EntryType.HARDLINK:
+                entry = by_path.get(entry.linkname)
+            if entry is not None:   # the topmost layer with the path serves it, file or not
+                found[path] = (pos, entry.offset, entry.size if entry.type == EntryType.FILE else 0)
+        if index.compression != "none" and not store.has_blob(layer.digest):
+            usable[pos] = (layer, index)
+    ranges = []
+    readers: dict[int, LayerReader] = {}
+    for path in sorted(found, key=wanted.__getitem__):
+        pos, offset, size = found[path]
+        if pos not in usable or not size:
+            continue
+        layer, index = usable[pos]
+        reader = readers.get(pos)
+        if reader is None:
+            reader = readers[pos] = LayerReader(index, _no_fetch, fetch_index=_no_fetch)
+        start, end = reader.readahead_extent(offset, size)
+        ranges.append((layer, index, start, end))
+    return ranges
+
+
+def _published_index(store: Store, layer: Layer) -> LayerIndex | None:
+    """The metadata of *layer*'s index as the pull left it (its windows are not needed here)."""
+    if layer.toc_digest and store.has_toc(layer.digest):
+        return None
+    try:
+        if store.has_full_index(layer.digest):
+            data = store.read_index(layer.digest)
+            return LayerIndex.from_meta(data[:LayerIndex.meta_length(data[:20], layer.digest)], layer.digest)
+        meta, _remote = store.read_index_meta(layer.digest)
+        return LayerIndex.from_meta(meta, layer.digest)
+    except (ImagefsError, OSError, ValueError):
+        return None
+
+
+def _no_fetch(start: int, length: int) -> bytes:
+    raise AssertionError("profile_ranges reads nothing")
