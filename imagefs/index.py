@@ -11,14 +11,14 @@ so every range fetched later is checked before a byte of it is served.
 On-disk format (little-endian), what `to_bytes` writes to STORE/indexes/<layer-hex>:
 
     b"IMGFSIDX"  u32 format version  u64 length of the metadata block
-    metadata block: one lz4 frame (with content checksum) holding
+    metadata block: one zstd frame (with checksum; an lz4 frame in versions 1 and 2) holding
         header    digest (32 raw bytes), compression, compressed/uncompressed size, span,
                   chunk_size, windows section size, counts, root prefix
         entries   one `_ENTRY` record each + path + link target + xattrs (`_XATTR` + name + value)
         points    one `_POINT` record each: offsets, bits, the window's place in the windows
                   section, its length and sha256
         digests   32 bytes per chunk
-    windows section: each seek point's window as its own lz4 frame, concatenated
+    windows section: each seek point's window as its own zstd frame (lz4 in version 1), concatenated
 
 A remote reader fetches `meta_length(first 20 bytes)` bytes, calls `from_meta`, and range-fetches
 only the windows it needs (`window_range`, `decode_window`); each window is checked against the
@@ -29,6 +29,9 @@ Format versions (also for docs/): 1 — first version. 2 — an index made from 
 compressed chunk digests and no windows; its seek points are gzip member starts
 (`zran.MEMBER_START`), and after the (empty) chunk digests come 32 bytes per seek point, the
 sha256 of that region's uncompressed bytes (zeros for the last point, which only marks the end).
+3 — version 1 with zstd frames (level ZSTD_LEVEL) instead of lz4 for the metadata block and each
+window: a third smaller on the wire, where a lazy start fetches them (measured on the benchmark
+image: metadata -36%, windows -27%, 0.1 s more to build). Version 1 indexes are still read.
 
 Concurrency: `build_index` is synchronous and single-threaded (run it in a worker thread). A
 LayerIndex is immutable in practice; `window`/`decode_window` only read it, so any thread may call
@@ -44,6 +47,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import lz4.frame
+import zstandard
 
 from imagefs import zran
 from imagefs.layerscan import scan_layer
@@ -54,14 +58,19 @@ from stores.model import Compression
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3  # what indexes are written as (see the module docstring)
+LZ4_FORMAT_VERSION = 1  # the first format, still read (and written again for an index read from it)
 TOC_FORMAT_VERSION = 2  # an index made from an eStargz TOC (see the module docstring)
+PUBLISHED_FORMATS = (LZ4_FORMAT_VERSION, FORMAT_VERSION)  # a TOC-made index is never published
+ZSTD_LEVEL = 9  # level 19 saves 3% more of the windows for 15x the time
+MAX_METADATA = 1 << 30  # bytes a metadata block may inflate to (~10 million entries)
 _NO_DIGEST = bytes(32)
 MAGIC = b"IMGFSIDX"
 DEFAULT_SPAN = 1 << 20
 # Chunks are the unit of verification and of fetching: a lazy read fetches whole chunks, so they
-# are small (a 64 KiB chunk costs 32 bytes of digest: 0.05% of the layer).
-DEFAULT_CHUNK_SIZE = 64 << 10
+# are small (a 16 KiB chunk costs 32 bytes of digest: 0.2% of the layer, in the metadata a start
+# fetches; measured, 64 KiB chunks cost a profiled python3 start 0.57 MB more at both ends of files).
+DEFAULT_CHUNK_SIZE = 16 << 10
 
 _PREFIX = struct.Struct("<8sIQ")
 # digest, compression, compressed size, uncompressed size, span, chunk size, windows section size,
@@ -101,6 +110,9 @@ class LayerIndex:
     `windows_start` is where that section begins in the serialised index (known once the index
     has been serialised or loaded).
 
+    `codec` is how the metadata block and windows are compressed when serialised: "zstd" (format
+    3), or "lz4" for an index read from format 1 (its windows section is kept as it was).
+
     `region_digests`, for an index made from an eStargz TOC (imagefs/estargz.py), is the sha256 of
     each region's uncompressed bytes (b"" for none), which the reader checks on every decode; such
     an index has no compressed chunk digests and is never serialised (the store keeps the TOC).
@@ -119,6 +131,7 @@ class LayerIndex:
     windows: bytes | None = field(default=b"", repr=False)
     windows_start: int = field(default=0, compare=False, repr=False)
     region_digests: list[bytes] | None = field(default=None, repr=False)
+    codec: str = field(default="zstd", compare=False, repr=False)
 
     # -- windows --------------------------------------------------------------------------------
 
@@ -140,7 +153,7 @@ class LayerIndex:
         what = f"index of layer {self.digest}"
         if len(stored) != p.window_size:
             raise InputError(what, f"window {i} is {len(stored)} bytes, expected {p.window_size}")
-        window = _lz4_decompress(stored, what, f"window {i}") if stored else b""
+        window = _decompress(stored, self.codec, what, f"window {i}", zran.WINDOW_SIZE) if stored else b""
         if len(window) != p.window_length or hashlib.sha256(window).digest() != p.window_digest:
             raise InputError(what, f"window {i} does not match its digest")
         return window
@@ -170,12 +183,12 @@ class LayerIndex:
                                 p.window_length, p.window_digest)
         for d in self.chunk_digests:
             meta += d
-        version = FORMAT_VERSION
-        if self.region_digests is not None:  # made from an eStargz TOC: format 2
+        version = FORMAT_VERSION if self.codec == "zstd" else LZ4_FORMAT_VERSION
+        if self.region_digests is not None:  # made from an eStargz TOC: format 2 (lz4, no windows)
             version = TOC_FORMAT_VERSION
             for d in self.region_digests:
                 meta += d or _NO_DIGEST
-        block = lz4.frame.compress(bytes(meta), content_checksum=True)
+        block = _compress(bytes(meta), _codec_of(version))
         prefix = _PREFIX.pack(MAGIC, version, len(block))
         self.windows_start = len(prefix) + len(block)
         return prefix + block + self.windows
@@ -189,7 +202,7 @@ class LayerIndex:
         magic, version, meta_len = _PREFIX.unpack_from(head)
         if magic != MAGIC:
             raise InputError(what, "not an imagefs layer index (bad magic)")
-        if version not in (FORMAT_VERSION, TOC_FORMAT_VERSION):
+        if version not in (LZ4_FORMAT_VERSION, TOC_FORMAT_VERSION, FORMAT_VERSION):
             raise InputError(what, f"unsupported index format version {version} (this is {FORMAT_VERSION})")
         return _PREFIX.size + meta_len
 
@@ -205,14 +218,15 @@ class LayerIndex:
         end = cls.meta_length(prefix, expected_digest)
         if len(prefix) < end:
             raise InputError(what, "truncated (metadata block incomplete)")
-        meta = _lz4_decompress(prefix[_PREFIX.size:end], what, "metadata block")
+        version = cls.format_version(prefix)
+        meta = _decompress(prefix[_PREFIX.size:end], _codec_of(version), what, "metadata block")
         try:
-            index = _parse_meta(meta, what, cls.format_version(prefix))
+            index = _parse_meta(meta, what, version)
         except (struct.error, ValueError, IndexError) as e:  # ValueError covers UnicodeDecodeError
             raise InputError(what, f"corrupt metadata block: {e}") from None
         if index.digest != expected_digest:
             raise InputError(what, f"index is for layer {index.digest}")
-        index.windows, index.windows_start = None, end
+        index.windows, index.windows_start, index.codec = None, end, _codec_of(version)
         return index
 
     @classmethod
@@ -238,11 +252,33 @@ class LayerIndex:
         return self.windows_start + self._windows_size
 
 
-def _lz4_decompress(data: bytes, what: str, part: str) -> bytes:
-    d = lz4.frame.LZ4FrameDecompressor()
+def _codec_of(version: int) -> str:
+    return "zstd" if version == FORMAT_VERSION else "lz4"
+
+
+def _compress(data: bytes, codec: str) -> bytes:
+    if codec == "lz4":
+        return lz4.frame.compress(data, content_checksum=True)
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(data)
+
+
+def _decompress(data: bytes, codec: str, what: str, part: str, limit: int = MAX_METADATA) -> bytes:
+    """One whole frame of *codec*, checked (its checksum, nothing missing, nothing after it); a
+    zstd frame must declare its size, at most *limit* (a frame that would inflate without bound
+    is refused before it is inflated)."""
+    if codec == "lz4":
+        d = lz4.frame.LZ4FrameDecompressor()
+    else:
+        try:
+            declared = zstandard.frame_content_size(data)
+        except zstandard.ZstdError as e:
+            raise InputError(what, f"corrupt {part}: {e}") from None
+        if not 0 <= declared <= limit:
+            raise InputError(what, f"corrupt {part}: no size, or more than {limit} bytes")
+        d = zstandard.ZstdDecompressor().decompressobj()
     try:
         out = d.decompress(data)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, zstandard.ZstdError) as e:
         raise InputError(what, f"corrupt {part}: {e}") from None
     if not d.eof or d.unused_data:
         raise InputError(what, f"corrupt {part}: truncated or trailing data")
@@ -362,7 +398,7 @@ def _store_points(scanned: list[zran.ScanPoint]) -> tuple[list[SeekPoint], bytes
     section = bytearray()
     points = []
     for p in scanned:
-        stored = lz4.frame.compress(p.window, content_checksum=True) if p.window else b""
+        stored = _compress(p.window, "zstd") if p.window else b""
         points.append(SeekPoint(p.uoffset, p.coffset, p.bits, len(section), len(stored), len(p.window),
                                 hashlib.sha256(p.window).digest()))
         section += stored

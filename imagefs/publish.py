@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from imagefs.errors import DigestMismatch, ImagefsError, InputError, NotFound
-from imagefs.index import FORMAT_VERSION, LayerIndex
+from imagefs.index import FORMAT_VERSION, PUBLISHED_FORMATS, LayerIndex
 from stores.digest import check_digest, sha256_digest
 from stores.manifest import load_json, media_type_of
 from stores.model import OCI_MANIFEST, Descriptor, Image, Layer
@@ -161,8 +161,14 @@ def build_artifact(subject: Descriptor, blobs: list[IndexBlob], profile: Profile
         "config": {"mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_JSON)},
         "layers": layers,
         "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size},
-        "annotations": {ANN_FORMAT: str(FORMAT_VERSION)},
+        "annotations": {ANN_FORMAT: str(artifact_format(blobs))},
     })
+
+
+def artifact_format(blobs: list[IndexBlob]) -> int:
+    """The format an artifact of *blobs* says it holds: the newest of its blobs' (indexes a store
+    took from format 1 stay in it; each blob's header says its own, and readers check that)."""
+    return max((LayerIndex.format_version(b.data[:20]) for b in blobs), default=FORMAT_VERSION)
 
 
 def parse_artifact(data: bytes, subject: str, what: str) -> ParsedArtifact:
@@ -176,8 +182,8 @@ def parse_artifact(data: bytes, subject: str, what: str) -> ParsedArtifact:
     if named != subject:
         raise InputError(what, f"refers to {named}, not to image {subject}")
     version = (doc.get("annotations") or {}).get(ANN_FORMAT) if isinstance(doc.get("annotations"), dict) else None
-    if version != str(FORMAT_VERSION):
-        raise InputError(what, f"index format {version!r}, this imagefs reads {FORMAT_VERSION}")
+    if version not in [str(v) for v in PUBLISHED_FORMATS]:
+        raise InputError(what, f"index format {version!r}, this imagefs reads {' or '.join(map(str, PUBLISHED_FORMATS))}")
     layers = doc.get("layers")
     if not isinstance(layers, list):
         raise InputError(what, "malformed: no layers list")
@@ -237,9 +243,9 @@ def verify_meta(data: bytes, ref: PublishedIndex, layer: Layer) -> LayerIndex:
     what = f"published index {ref.digest}"
     if len(data) != ref.meta_size or LayerIndex.meta_length(data[:20], layer.digest) != ref.meta_size:
         raise InputError(what, "metadata block does not match its annotations")
-    if LayerIndex.format_version(data) != FORMAT_VERSION:  # a TOC-made index stays where it was made
+    if LayerIndex.format_version(data) not in PUBLISHED_FORMATS:  # a TOC-made index stays where it was made
         raise InputError(what, f"index format {LayerIndex.format_version(data)}, published indexes are "
-                               f"{FORMAT_VERSION}")
+                               f"{' or '.join(map(str, PUBLISHED_FORMATS))}")
     if sha256_digest(data) != ref.meta_digest:
         raise InputError(what, "metadata block does not match its annotations")
     index = LayerIndex.from_meta(data, layer.digest)
@@ -501,7 +507,7 @@ def publish(store: Store, source: RegistrySource, image: Image) -> Publication:
 
     content = artifact_for(store, image, source)
     how = push_referrer(source, content.manifest, content.blobs(), image.manifest_digest, ARTIFACT_TYPE,
-                        {ANN_FORMAT: str(FORMAT_VERSION)})
+                        {ANN_FORMAT: str(artifact_format(content.indexes))})
     digest = sha256_digest(content.manifest)
     profile = content.profile
     log.info("image %s: published %d layer index(es)%s as %s (%s)", image.manifest_digest, len(content.indexes),

@@ -53,7 +53,7 @@ WINDOW_SIZE = 32768  # deflate's maximum back-reference distance
 # (eStargz puts one before every file chunk): inflation starts there with gzip framing, no window.
 MEMBER_START = 8
 # Extra seek points (see the module docstring) closer than this after an existing point are not
-# made: a window costs ~12-16 KiB of lz4 in the index, about what this much lead-in costs in gzip.
+# made: a window costs ~11 KiB of zstd in the index, about what this much lead-in costs in gzip.
 MIN_LEAD = 64 << 10
 _OUT_SIZE = 256 * 1024  # output produced per piece: big enough that Python overhead is noise
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+import logging
 import os
 import re
 import ssl
@@ -192,6 +193,9 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+log = logging.getLogger(__name__)
+
+
 @functools.cache
 def system_tls_context() -> ssl.SSLContext:
     """The system's default TLS context, made once a process: loading its roots takes ~17 ms
@@ -301,6 +305,7 @@ class RegistrySource(Source):
             raise InputError(what, f"bad range start={start} length={length}")
         if length == 0:
             return b""
+        log.debug("range read of %s: %d bytes at %d", digest[:19], length, start)   # -vv: where bytes go
         return self._retrying(what, lambda: self._read_range_once(digest, start, length, what))
 
     def pinned(self, manifest_digest: str) -> str:

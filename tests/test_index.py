@@ -21,7 +21,7 @@ import zstandard
 from imagefs import zran
 from imagefs.entry import Entry, EntryType
 from imagefs.errors import DigestMismatch, InputError
-from imagefs.index import MAGIC, LayerIndex, build_index
+from imagefs.index import MAGIC, LayerIndex, SeekPoint, build_index
 
 KINDS = ["none", "gzip", "gzip-cli", "gzip-multi", "zstd", "zstd-multi"]
 
@@ -546,15 +546,68 @@ def test_corruption_rejected(gz_index: LayerIndex) -> None:
         LayerIndex.from_bytes(data + b"\0", gz_index.digest)
 
 
+def _as_format_1(index: LayerIndex) -> bytes:
+    """*index* serialised as format 1 wrote it (lz4 metadata and windows)."""
+    import lz4.frame
+
+    section, points = bytearray(), []
+    for i, p in enumerate(index.points):
+        window = index.window(i)
+        stored = lz4.frame.compress(window, content_checksum=True) if window else b""
+        points.append(SeekPoint(p.uoffset, p.coffset, p.bits, len(section), len(stored), p.window_length,
+                                p.window_digest))
+        section += stored
+    fields = {f: getattr(index, f) for f in ("digest", "compressed_size", "compression", "uncompressed_size", "root",
+                                             "span", "chunk_size", "entries", "chunk_digests")}
+    return LayerIndex(**fields, points=points, windows=bytes(section), codec="lz4").to_bytes()
+
+
 def test_version_and_magic_checked(gz_index: LayerIndex) -> None:
     data = gz_index.to_bytes()
-    with pytest.raises(InputError, match="version 3"):
-        LayerIndex.from_bytes(data[:8] + struct.pack("<I", 3) + data[12:], gz_index.digest)
+    assert LayerIndex.format_version(data) == 3
+    with pytest.raises(InputError, match="version 4"):
+        LayerIndex.from_bytes(data[:8] + struct.pack("<I", 4) + data[12:], gz_index.digest)
     # Version 2 is an index made from an eStargz TOC: a version 1 index relabelled is not one.
+    old = _as_format_1(gz_index)
+    assert LayerIndex.format_version(old) == 1
     with pytest.raises(InputError, match="eStargz"):
-        LayerIndex.from_bytes(data[:8] + struct.pack("<I", 2) + data[12:], gz_index.digest)
+        LayerIndex.from_bytes(old[:8] + struct.pack("<I", 2) + old[12:], gz_index.digest)
+    # The codec follows from the version: zstd frames labelled 1 (lz4) or lz4 labelled 3 are corrupt.
+    with pytest.raises(InputError, match="corrupt metadata block"):
+        LayerIndex.from_bytes(data[:8] + struct.pack("<I", 1) + data[12:], gz_index.digest)
+    with pytest.raises(InputError, match="corrupt metadata block"):
+        LayerIndex.from_bytes(old[:8] + struct.pack("<I", 3) + old[12:], gz_index.digest)
     with pytest.raises(InputError, match="magic"):
         LayerIndex.from_bytes(b"X" + data[1:], gz_index.digest)
+
+
+def test_format_1_indexes_are_still_read_and_kept_as_they_are(gz_index: LayerIndex) -> None:
+    old = _as_format_1(gz_index)
+    assert len(old) > len(gz_index.to_bytes())   # what format 3 is for
+    loaded = LayerIndex.from_bytes(old, gz_index.digest)
+    assert loaded.codec == "lz4" and loaded.entries == gz_index.entries
+    assert loaded.chunk_digests == gz_index.chunk_digests
+    assert [(p.uoffset, p.coffset, p.bits, p.window_digest) for p in loaded.points] == [
+        (p.uoffset, p.coffset, p.bits, p.window_digest) for p in gz_index.points]
+    assert [loaded.window(i) for i in range(len(loaded.points))] == [
+        gz_index.window(i) for i in range(len(gz_index.points))]
+    assert loaded.to_bytes() == old   # re-serialised in the format it came in
+    meta = LayerIndex.from_meta(old[:LayerIndex.meta_length(old[:20])], gz_index.digest)
+    start, length = meta.window_range(1)
+    assert meta.decode_window(1, old[start:start + length]) == gz_index.window(1)
+
+
+def test_a_zstd_frame_that_would_inflate_past_its_limit_is_refused(gz_index: LayerIndex) -> None:
+    import zstandard
+
+    data = gz_index.to_bytes()
+    start, length = gz_index.window_range(1)
+    bomb = zstandard.ZstdCompressor(level=3).compress(bytes(1 << 20))   # declares 1 MiB: more than a window
+    with pytest.raises(InputError, match="more than 32768 bytes"):
+        gz_index.decode_window(1, bomb + bytes(length - len(bomb)) if len(bomb) < length else bomb[:length])
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 100)
+    with pytest.raises(InputError, match="no size"):
+        LayerIndex.from_meta(data[:8] + struct.pack("<IQ", 3, len(no_size)) + no_size, gz_index.digest)
 
 
 def test_tampered_entries_rejected(gz_index: LayerIndex) -> None:

@@ -258,7 +258,7 @@ def test_index_push_publishes_an_artifact_referring_to_the_image(published, regi
     assert "pushed sha256:" in r.stdout and f"tag sha256-{image.digest[7:]}" in r.stdout
     tag = referrers_tag(registry.url, "pubidx/lazy", image)
     ours = our_artifacts(tag)
-    assert len(ours) == 1 and ours[0]["annotations"] == {ANN_FORMAT: "1"}
+    assert len(ours) == 1 and ours[0]["annotations"] == {ANN_FORMAT: "3"}
     manifest = raw_get(registry.url, "pubidx/lazy", f"manifests/{ours[0]['digest']}", OCI_MANIFEST)
     assert manifest is not None and sha(manifest) == ours[0]["digest"] and len(manifest) == ours[0]["size"]
     doc = json.loads(manifest)
