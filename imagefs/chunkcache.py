@@ -1,7 +1,14 @@
 """A sparse local copy of one remote layer blob, filled chunk by chunk, every chunk verified.
 
-    STORE/chunks/<layer-hex>/data      the blob's bytes at their own offsets (a sparse file)
-    STORE/chunks/<layer-hex>/present   one byte per chunk: 1 once that chunk's data is durable
+    STORE/chunks/<layer-hex>/data          the blob's bytes at their own offsets (a sparse file)
+    STORE/chunks/<layer-hex>/present.<N>   one byte per chunk of N bytes: 1 once that chunk's
+                                           data is durable
+
+The presence map is per chunk size: the index a layer is read through decides the chunk size, and
+a layer's index can change (re-indexed with profile points, published by another imagefs with
+other defaults) while the data stays valid, so one map per size keeps two processes reading one
+layer through indexes of different chunk sizes from reading each other's bytes as their own
+chunks. (A map of one size read as another would mark absent bytes present: holes served as data.)
 
 A read names a byte range of the compressed blob; the chunks it touches that are missing are
 fetched (neighbouring misses coalesced into one range request, at most `max_run` chunks each,
@@ -35,6 +42,11 @@ Fetch = Callable[[int, int], bytes]  # (start, length) -> exactly length bytes o
 RUN_BYTES = 4 << 20
 
 
+def present_file(directory: Path, chunk_size: int) -> Path:
+    """The presence map of the cache in *directory* for chunks of *chunk_size* bytes."""
+    return directory / f"present.{chunk_size}"
+
+
 class ChunkCorrupt(RuntimeFailure):
     """A fetched range did not match the chunk digests in the index (twice)."""
 
@@ -54,7 +66,8 @@ class ChunkCache:
         directory.mkdir(parents=True, exist_ok=True)
         self.data_path = directory / "data"
         self._data = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._present_fd = os.open(directory / "present", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.present_path = present_file(directory, chunk_size)
+        self._present_fd = os.open(self.present_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if os.fstat(self._data).st_size != size:
             os.ftruncate(self._data, size)
         present = os.pread(self._present_fd, self.nchunks, 0)

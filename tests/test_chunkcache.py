@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from imagefs.chunkcache import ChunkCache, ChunkCorrupt
+from imagefs.chunkcache import ChunkCache, ChunkCorrupt, present_file
 from imagefs.errors import RuntimeFailure
 
 CHUNK = 4096
@@ -35,8 +35,8 @@ class Remote:
         return bytes(out)
 
 
-def digests(data: bytes) -> list[bytes]:
-    return [hashlib.sha256(data[i:i + CHUNK]).digest() for i in range(0, len(data), CHUNK)]
+def digests(data: bytes, size: int = CHUNK) -> list[bytes]:
+    return [hashlib.sha256(data[i:i + size]).digest() for i in range(0, len(data), size)]
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_a_chunk_another_process_is_fetching_is_waited_for_not_fetched_again(tmp
         reader = threading.Thread(target=lambda: (cache.ensure(3, 6), done.set()))
         reader.start()
 
-        present = os.stat(tmp_path / "c" / "present").st_ino
+        present = os.stat(cache.present_path).st_ino
 
         def waiting_on_a_lock() -> bool:  # /proc/locks lists a blocked request as "-> ..."
             with open("/proc/locks") as locks:
@@ -156,3 +156,21 @@ def test_a_chunk_another_process_is_fetching_is_waited_for_not_fetched_again(tmp
         for fd in (started_r, started_w, go_r, go_w):
             os.close(fd)
     assert status == 0
+
+
+def test_a_cache_read_through_another_chunk_size_trusts_none_of_the_first_ones_chunks(tmp_path):
+    """A layer re-indexed with another chunk size (a profile's seek points, another publisher's
+    defaults) keeps its cache directory: what the first size marked present must not be taken for
+    chunks of the second (those bytes may be holes), and neither size's map is disturbed."""
+    blob = random.Random(7).randbytes(10 * CHUNK)
+    big = ChunkCache(tmp_path / "c", len(blob), 2 * CHUNK, digests(blob, 2 * CHUNK), Remote(blob).fetch)
+    big.ensure(1, 2)   # bytes [2 CHUNK, 4 CHUNK): the second chunk of the big size only
+    small_remote = Remote(blob)
+    small = ChunkCache(tmp_path / "c", len(blob), CHUNK, digests(blob), small_remote.fetch)
+    assert not small.has(0, small.nchunks)
+    assert small.read(0, 2 * CHUNK) == blob[:2 * CHUNK]   # fetched: not holes from the big map's "1"
+    assert small_remote.calls
+    assert big.has(1, 2) and not big.has(0, 1)
+    assert present_file(tmp_path / "c", CHUNK) != present_file(tmp_path / "c", 2 * CHUNK)
+    big.close()
+    small.close()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from imagefs.chunkcache import present_file
+from imagefs.index import DEFAULT_CHUNK_SIZE
 from tests.mounts import Cli, Mounts, needs_fuse
 from tests.support.images import Member, OciLayout, busybox_members, layer_tar, push, wait_until
 
@@ -110,7 +112,7 @@ def test_profile_is_recorded_and_fetched_first(tmp_path, own_registry, env):
     profile = json.loads((cli.store / "images" / image_id / "profile.json").read_text())
     assert profile["paths"] == ["data/small"]
     data_layer = _layers(cli, ref)[1]["digest"][7:]
-    assert not all((cli.store / "chunks" / data_layer / "present").read_bytes())  # none: not whole
+    assert not all(present_file(cli.store / "chunks" / data_layer, DEFAULT_CHUNK_SIZE).read_bytes())  # not whole
 
     # A fresh cache: with --prefetch profile, the profiled file's chunks arrive without any read.
     for d in (cli.store / "chunks").iterdir():
@@ -118,7 +120,7 @@ def test_profile_is_recorded_and_fetched_first(tmp_path, own_registry, env):
             f.unlink()
         d.rmdir()
     mounts.mount(ref, mp, "--prefetch", "profile")
-    present = cli.store / "chunks" / data_layer / "present"
+    present = present_file(cli.store / "chunks" / data_layer, DEFAULT_CHUNK_SIZE)
     wanted = _profiled_chunks(cli, data_layer, "data/small")
     wait_until(lambda: _all_present(present, wanted), 60, "profile prefetch")
     own_registry.stop()
@@ -149,7 +151,7 @@ def test_published_profile_is_fetched_first_by_another_store(tmp_path, own_regis
         layers = _layers(other, ref)
         assert not any(l["blob_local"] for l in layers)  # the indexes were published: no layer fetched
         data_layer = layers[1]["digest"][7:]
-        present = other.store / "chunks" / data_layer / "present"
+        present = present_file(other.store / "chunks" / data_layer, DEFAULT_CHUNK_SIZE)
         wanted = _profiled_chunks(cli, data_layer, "data/small")  # the publisher's whole index
         wait_until(lambda: _all_present(present, wanted), 60, "profile prefetch")
         own_registry.stop()
