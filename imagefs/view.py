@@ -141,13 +141,23 @@ class ImageView:
         index = LayerIndex.from_meta(meta, layer.digest)
         blob = remote.get("digest", "")
         whole = store.index_path(layer.digest)
+        same: dict[tuple[int, int], bool] = {}   # (inode, mtime) of a whole index -> is it this one
 
         def fetch_window(start: int, length: int) -> bytes:
+            # The store's whole copy of the index, once the prefetcher has it, unless it is another
+            # index of the layer (`index --push` re-indexes layers with profile seek points):
+            # this view's windows are where its own metadata says, in the blob it came from.
             try:
                 with open(whole, "rb") as f:
-                    return os.pread(f.fileno(), length, start)
+                    st = os.fstat(f.fileno())
+                    key = (st.st_ino, st.st_mtime_ns)
+                    if key not in same:
+                        same[key] = os.pread(f.fileno(), len(meta), 0) == meta
+                    if same[key]:
+                        return os.pread(f.fileno(), length, start)
             except FileNotFoundError:
-                return source.get().read_range(blob, start, length)
+                pass
+            return source.get().read_range(blob, start, length)
         return index, fetch_window
 
     @staticmethod
