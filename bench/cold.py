@@ -17,7 +17,11 @@ publishes it with the indexes, and measures `imagefs run` once more: a fresh sto
 the profiled files at mount time, all at once. A fourth phase runs the image with its layers
 rewritten as eStargz (no index at all: each layer's own TOC), plain and with the recorded profile
 as prioritized files. The start rows of the last phases are also set against the floor (floor as
-the peer: the ratio is how many floors the start took).
+the peer: the ratio is how many floors the start took). When the CLI has `imagefs agent`, the
+published-index, index+profile and eStargz-with-prioritized-files starts are measured a second
+time through an agent started on the fresh store before the caches are dropped: a resident agent,
+as a Mesos agent is, whose own start is no part of a task's (rows "through a resident `imagefs
+agent`").
 
 Bytes are what the proxy carried from the registry to the client. The floor is computed, not
 measured: the bytes of the files the task reads, scaled by their layer's compression, plus the
