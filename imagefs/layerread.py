@@ -403,6 +403,15 @@ class LayerReader:
         with self._lock:
             return region not in self._windows
 
+    def restarts(self, uoffset: int, length: int) -> list[int]:
+        """The uncompressed offsets of the seek points whose regions [uoffset, uoffset+length)
+        overlaps: where reads of that range may restart (each needs its window, for gzip)."""
+        if not self._starts:
+            return []
+        first = max(bisect.bisect_right(self._starts, uoffset) - 1, 0)
+        last = max(bisect.bisect_right(self._starts, uoffset + max(length, 1) - 1) - 1, first)
+        return self._starts[first:last + 1]
+
     def window_at(self, uoffset: int) -> bytes:
         """The window of the seek point before *uoffset* (fetched now if it must be)."""
         return self._window(max(bisect.bisect_right(self._starts, uoffset) - 1, 0))

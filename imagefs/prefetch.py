@@ -136,8 +136,13 @@ class Prefetcher:
     def _prefetch_paths(self, paths: Iterable[bytes]) -> None:
         """Fetch the profile's files, several requests at once (a profile is what a start reads
         one file after another: fetched in parallel it is one transfer, not a chain of round
-        trips), in profile order, each with the window its first read restarts from."""
+        trips), in profile order; before any of their chunks, the windows their reads may restart
+        from: every region a profiled file spans, not only its first (a task maps a big binary
+        and touches its pages out of order, and each jump into a new region waited a round trip
+        for that region's window)."""
+        windows: list[Callable[[], object]] = []
         jobs: list[Callable[[], object]] = []
+        wanted: set[tuple[int, int]] = set()
         for path in paths:
             ino = self.view.tree.resolve(path)
             location = self.view.tree.node(ino).location if ino is not None else None
@@ -147,24 +152,24 @@ class Prefetcher:
             if cache is None:
                 continue
             reader = self.view.readers[location.layer]
+            for restart in reader.restarts(location.offset, location.size):
+                if (location.layer, restart) not in wanted and reader.needs_window(restart):
+                    wanted.add((location.layer, restart))
+                    windows.append(lambda r=reader, o=restart: r.window_at(o))
             start, end = reader.readahead_extent(location.offset, location.size)
             size = cache.chunk_size
             step = max(1, PROFILE_PIECE // size)  # small pieces in order: a file's start comes first
-            window = reader.needs_window(location.offset)
-            for n, first in enumerate(range(start // size, (end - 1) // size + 1, step)):
-                last = min(first + step, (end - 1) // size + 1)
-                if n == 0 and window:
-                    # The window its reads restart from (so the file reads without the registry),
-                    # fetched before its first chunks: those chunks present mean it is here.
-                    jobs.append(lambda c=cache, f=first, l=last, r=reader, o=location.offset:
-                                (r.window_at(o), c.ensure(f, l)))
-                else:
-                    jobs.append(lambda c=cache, f=first, l=last: c.ensure(f, l))
+            for first in range(start // size, (end - 1) // size + 1, step):
+                jobs.append(lambda c=cache, f=first, l=min(first + step, (end - 1) // size + 1): c.ensure(f, l))
         if not jobs:
             return
         with ThreadPoolExecutor(PROFILE_THREADS, thread_name_prefix="imagefs-profile") as pool:
-            for future in [pool.submit(self._retrying, job) for job in jobs]:
-                future.result()
+            # Every window before any chunk: a file's chunks present then mean its windows are
+            # here too, so it reads without the registry. (`imagefs run` fetches the chunks
+            # meanwhile: imagefs/prioritized.py.)
+            for phase in (windows, jobs):
+                for future in [pool.submit(self._retrying, job) for job in phase]:
+                    future.result()
 
     def _fetch_layer(self, position: int) -> None:
         data = self.view.data[position]

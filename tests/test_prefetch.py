@@ -159,3 +159,32 @@ def test_published_profile_is_fetched_first_by_another_store(tmp_path, own_regis
         assert _read_errno(mp_b / "data" / "big") == errno.EIO  # not in the profile: never fetched
     finally:
         other_mounts.cleanup()
+
+
+def test_a_profiled_file_reads_anywhere_without_the_registry_once_prefetched(tmp_path, own_registry, env):
+    """A task maps a big profiled file and reads it out of order: every region it spans needs its
+    window, not only the first. The profile prefetch fetches all of them before the chunks, so a
+    read deep into the file, with the registry gone, is served."""
+    cli, mounts = env
+    ref = _image(tmp_path, own_registry)
+    mp = mounts.mount(ref, tmp_path / "mnt", "--prefetch", "none")
+    with open(mp / "data" / "big", "rb") as f:
+        assert os.pread(f.fileno(), 4096, 0) == BIG[:4096]
+    cli.run("umount", str(mp))
+    cli.run("index", "--push", ref)
+
+    other = Cli(tmp_path / "b" / "store", tmp_path / "b" / "work")
+    other_mounts = Mounts(other)
+    try:
+        mp_b = other_mounts.mount(ref, tmp_path / "mnt-b", "--prefetch", "profile")
+        data_layer = _layers(other, ref)[1]["digest"][7:]
+        present = present_file(other.store / "chunks" / data_layer, DEFAULT_CHUNK_SIZE)
+        wanted = _profiled_chunks(cli, data_layer, "data/big")
+        wait_until(lambda: _all_present(present, wanted), 60, "profile prefetch")
+        own_registry.stop()
+        far = len(BIG) - (300 << 10)   # in the file's last region: four seek points past its start
+        with open(mp_b / "data" / "big", "rb") as f:
+            assert os.pread(f.fileno(), 8192, far) == BIG[far:far + 8192]
+            assert os.pread(f.fileno(), 8192, 3 << 20) == BIG[3 << 20:(3 << 20) + 8192]
+    finally:
+        other_mounts.cleanup()
