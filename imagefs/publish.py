@@ -303,9 +303,9 @@ class PublishedIndexes:
     first need, once. With *want_profile* the newest good profile is fetched in the background as
     soon as the lookup has found one; `profile()` waits for it, `close()` must be called."""
 
-    def __init__(self, source: RegistrySource, image: Image, *, want_profile: bool = False) -> None:
+    def __init__(self, source: RegistrySource, manifest_digest: str, *, want_profile: bool = False) -> None:
         self._source = source
-        self._image = image
+        self._manifest_digest = manifest_digest
         self._want_profile = want_profile
         self._by_layer: dict[str, list[tuple[str, PublishedIndex]]] | None = None
         self._profiles: list[tuple[str, PublishedProfile]] = []  # newest artifact first
@@ -318,7 +318,7 @@ class PublishedIndexes:
         from stores.referrers import find_referrers
 
         by_layer: dict[str, list[tuple[str, PublishedIndex]]] = {}
-        image = self._image.manifest_digest
+        image = self._manifest_digest
         try:
             referrers, how = find_referrers(self._source, image, ARTIFACT_TYPE)
         except ImagefsError as e:
@@ -368,10 +368,10 @@ class PublishedIndexes:
                 paths = self._fetch_one_profile(ref)
             except ImagefsError as e:
                 log.warning("image %s: published profile %s (artifact %s) ignored: %s",
-                            self._image.manifest_digest, ref.digest, artifact, e.why)
+                            self._manifest_digest, ref.digest, artifact, e.why)
                 continue
             log.info("image %s: access profile of %d path(s) from published artifact %s",
-                     self._image.manifest_digest, len(paths), artifact)
+                     self._manifest_digest, len(paths), artifact)
             return paths
         return None
 

@@ -167,10 +167,10 @@ def _toc_digest(d: Descriptor, compression: str, what: str) -> str:
 
 
 def resolve(source: Source, want: Platform | None = None, *, max_depth: int = 2,
-            on_layers: Callable[[tuple[Layer, ...]], None] | None = None) -> Image:
+            on_manifest: Callable[[str, tuple[Layer, ...]], None] | None = None) -> Image:
     """Follow the source's reference to one image manifest, verifying every document fetched.
-    *on_layers* is told the layers as soon as the manifest is verified, before the config is
-    fetched: work on the layers can start a round trip earlier."""
+    *on_manifest* is told the image manifest's digest and its layers as soon as the manifest is
+    verified, before the config is fetched: work on them can start a round trip earlier."""
     want = want or host_platform()
     what = str(source.reference)
     m = source.root_manifest()
@@ -190,8 +190,8 @@ def resolve(source: Source, want: Platform | None = None, *, max_depth: int = 2,
             raise InputError(what, f"unknown manifest media type {media_type!r}")
         config_desc = _descriptor(doc.get("config"), f"{what}: config")
         layers = parse_layers(doc, what)
-        if on_layers is not None:
-            on_layers(layers)
+        if on_manifest is not None:
+            on_manifest(digest, layers)
         config = b"".join(source.open_blob(config_desc.digest, config_desc.size))
         verify_bytes(config, config_desc.digest, f"{what}: config {config_desc.digest}")
         return Image(digest, m.data, config_desc.digest, config, layers, parse_config(config, f"{what}: config"))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imagefs.errors import InputError
+from stores.digest import hex_of
 from stores.manifest import resolve
 from stores.model import Image, Layer, Platform
 from stores.reference import DockerReference, parse_reference
@@ -86,20 +87,27 @@ def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
         raise InputError(reference, "indexes can only be published to a registry (docker://...)")
     with store.using(), options.open(reference) as source:
         tocs: list[Future[None]] = []
+        lookups: list[Future[None]] = []
+        found: list[PublishedIndexes | None] = [None]
 
-        def layers_known(layers: tuple[Layer, ...]) -> None:
-            # eStargz TOCs are fetched while the config is: one round trip less.
+        def manifest_known(digest: str, layers: tuple[Layer, ...]) -> None:
+            # eStargz TOCs, and the published indexes of the layers that need one, are looked up
+            # while the config is fetched: one round trip less.
             if not all_layers and any(layer.toc_digest for layer in layers):
                 tocs.append(_in_thread(_take_tocs, store, source, list(layers), on_toc))
+            if use_published and not all_layers:
+                found[0] = published_indexes(source, digest, want_profile=not store.has_profile(hex_of(digest)))
+                if found[0] is not None and any(not layer.toc_digest and not store.has_index(layer.digest)
+                                                for layer in layers):
+                    lookups.append(_in_thread(found[0].lookup))
 
-        image = resolve(source, platform, on_layers=layers_known)
+        image = resolve(source, platform, on_manifest=manifest_known)
         store.put_blob(image.manifest_digest, image.manifest)
         store.put_blob(image.config_digest, image.config)
         progress.start(image.id, list(image.layers))
-        published = (published_indexes(source, image, want_profile=not store.has_profile(image.id))
-                     if use_published and not all_layers else None)
+        published = found[0]
         try:
-            for job in tocs:
+            for job in tocs + lookups:
                 job.result()
             if not all_layers:
                 _keep_prioritized(store, image)
@@ -125,7 +133,7 @@ def pull(store: Store, reference: str, *, options: SourceOptions | None = None,
     return store.load(image.id)
 
 
-def published_indexes(source: Source, image: Image, *, want_profile: bool = False) -> PublishedIndexes | None:
+def published_indexes(source: Source, manifest_digest: str, *, want_profile: bool = False) -> PublishedIndexes | None:
     """The published-index lookup for a registry source (lazy: it asks nothing until a layer
     needs an index; *want_profile*: it then fetches the published profile too); None for every
     other kind of source."""
@@ -134,7 +142,8 @@ def published_indexes(source: Source, image: Image, *, want_profile: bool = Fals
     from imagefs.publish import PublishedIndexes
     from stores.registry import RegistrySource
 
-    return PublishedIndexes(source, image, want_profile=want_profile) if isinstance(source, RegistrySource) else None
+    return (PublishedIndexes(source, manifest_digest, want_profile=want_profile) if isinstance(source, RegistrySource)
+            else None)
 
 
 def keep_published_profile(store: Store, image: Image, published: PublishedIndexes) -> None:

@@ -301,6 +301,28 @@ def test_fresh_store_pulls_published_indexes_without_the_layers(published, regis
     assert not (cli.store / "images" / image.digest[7:] / "profile.json").exists()  # none published
 
 
+def test_published_indexes_are_looked_up_while_the_config_is_fetched(published, registry, new_cli):
+    """The referrers lookup needs only the manifest: it is asked before the config has come (the
+    config's answer here waits until it has been), a round trip sooner than after it."""
+    image = published["image"]
+    config = json.loads(image.manifest)["config"]["digest"]
+    asked = threading.Event()
+    answered_before: list[bool] = []
+
+    def hold_config(seen: Seen) -> Reply | None:
+        if f"/manifests/sha256-{image.digest[7:]}" in seen.path or "/referrers/" in seen.path:
+            asked.set()
+        elif seen.path.endswith(f"/blobs/{config}"):
+            answered_before.append(asked.wait(10))   # a pull that asks only after the config: False
+        return None
+
+    cli = new_cli("early-lookup")
+    with CountingFront(registry.url, hold_config) as front:
+        cli.run("pull", front.ref("pubidx/lazy:1"))
+        assert [front.blob_bytes(d) for d in image.layer_digests] == [0, 0]
+    assert answered_before == [True]
+
+
 @needs_fuse
 def test_mount_from_published_indexes_reads_only_ranges(published, registry, new_cli, tmp_path):
     image = published["image"]
