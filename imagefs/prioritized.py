@@ -65,11 +65,7 @@ class PrioritizedFetch:
             if not extent or self._store.has_blob(layer.digest):
                 return
             with self._lock:
-                if self._source is None:
-                    self._source = self._open_source()
-                    self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="imagefs-prioritized")
-                source, pool = self._source, self._pool
-                assert pool is not None
+                source, pool = self._started()
                 # The chunk size the mount's cache uses for an index made from a TOC (estargz.py).
                 cache = ChunkCache(self._store.chunks_dir(layer.digest), layer.size, DEFAULT_CHUNK_SIZE, None,
                                    lambda start, n: source.read_range(layer.digest, start, n),
@@ -95,11 +91,7 @@ class PrioritizedFetch:
             if not ranges:
                 return
             with self._lock:
-                if self._source is None:
-                    self._source = self._open_source()
-                    self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="imagefs-prioritized")
-                source, pool = self._source, self._pool
-                assert pool is not None
+                source, pool = self._started()
                 caches: dict[str, ChunkCache] = {}
                 for layer, index, start, end in ranges:
                     cache = caches.get(layer.digest)
@@ -117,6 +109,14 @@ class PrioritizedFetch:
             log.info("image %s: fetching the files of its access profile (%d bytes)", record.id[:12], self.bytes)
         except Exception as e:  # noqa: BLE001 - only a head start: the mount fetches what is missing
             log.debug("image %s: no early fetch of its profile: %s", record.id[:12], e)
+
+    def _started(self) -> tuple[Source, ThreadPoolExecutor]:
+        """The source and the pool, opened on first use (call with the lock held)."""
+        if self._source is None:
+            self._source = self._open_source()
+            self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="imagefs-prioritized")
+        assert self._pool is not None
+        return self._source, self._pool
 
     def finish(self) -> None:
         """Wait for what was started, then let go of the caches and the source."""

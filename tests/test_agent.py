@@ -20,7 +20,7 @@ import pytest
 from launcher.agent_client import Messages, send_message
 from tests.mounts import needs_fuse
 from tests.support.images import wait_until
-from tests.test_launcher import Launcher, image, mounts_under  # noqa: F401  (image: a fixture)
+from tests.test_launcher import Launcher, image, launcher  # noqa: F401  (fixtures: cleanup included)
 
 
 def test_messages_carry_descriptors_and_split_lines():
@@ -93,17 +93,6 @@ class Agent:
                 if "--standby-fd" in " ".join(child.cmdline()):
                     child.kill()
                     raise AssertionError(f"the agent's standby server {child.pid} outlived it")
-
-
-@pytest.fixture
-def launcher(tmp_path):
-    lx = Launcher(tmp_path)
-    try:
-        yield lx
-    finally:
-        lx.cleanup()
-        leftovers = mounts_under(tmp_path)
-        assert not leftovers, leftovers
 
 
 @pytest.fixture
