@@ -578,8 +578,10 @@ def _containerizer(args: argparse.Namespace, mount_standby: Standby | None = Non
 # better part of its own start-up), so that they overlap that: the image's pull, and a standby mount
 # server (imagefs/fuse/daemon.py), which imports what serving takes meanwhile.
 
-def _pull_ahead(args: argparse.Namespace, image: str) -> Future[ImageRecord]:
-    """find_or_pull(*image*) in a thread, started now; the containerizer takes its result."""
+def _pull_ahead(args: argparse.Namespace, image: str, lazy: bool = True) -> Future[ImageRecord]:
+    """find_or_pull(*image*) in a thread, started now; the containerizer takes its result.
+    *lazy*: the container will read the image through its imagefs mount (the imagefs backend),
+    so the files it will read first are worth fetching ahead; other backends fetch layers whole."""
     import concurrent.futures
     import threading
 
@@ -598,13 +600,13 @@ def _pull_ahead(args: argparse.Namespace, image: str) -> Future[ImageRecord]:
             try:
                 # Only a registry's layers are read through the chunk cache; a local source's
                 # are read where they are, so there is nothing to fetch ahead.
-                remote = _is_registry(image)
-                record = find_or_pull(store, image, options, on_toc=early.layer if remote else None)
+                ahead = lazy and _is_registry(image)
+                record = find_or_pull(store, image, options, on_toc=early.layer if ahead else None)
             except BaseException as e:  # handed to the launch that awaits it, raised there
                 future.set_exception(e)
                 return
             future.set_result(record)
-            if remote:   # the files of a published access profile, while the mount starts
+            if ahead:   # the files of a published access profile, while the mount starts
                 early.profile(record)
         finally:
             early.finish()
@@ -699,7 +701,7 @@ def _run_here(args: argparse.Namespace, io: TaskIO | None = None, *, environ: Ma
                                   name=args.name, isolation=args.isolation,
                                   environ=os.environ if environ is None else environ)
         with contextlib.ExitStack() as stack:
-            image = _pull_ahead(args, spec.image)
+            image = _pull_ahead(args, spec.image, lazy=(spec.backend or "imagefs") == "imagefs")
             standby = _mount_standby(args, spec.image, spec.backend, standbys)
             if standby is not None:
                 stack.enter_context(standby)   # dismissed if unused
