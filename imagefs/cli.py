@@ -723,15 +723,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
     os.makedirs(work, exist_ok=True)
     prefix = daemon.cli_prefix(store, work, _source_flags(args))
     standbys = StandbyPool(prefix, lambda: daemon.spawn_standby(prefix, work, wait=True))
-    report = trio.run(_containerizer(args).recover)   # as the Mesos agent does when it starts
-    if report.destroyed or report.orphans:
-        log.info("agent: recovered: %d destroyed, %d orphans removed", len(report.destroyed), len(report.orphans))
-    _warm_up()
+
+    def start() -> None:   # once this agent holds the work dir
+        report = trio.run(_containerizer(args).recover)   # as the Mesos agent does when it starts
+        if report.destroyed or report.orphans:
+            log.info("agent: recovered: %d destroyed, %d orphans removed", len(report.destroyed),
+                     len(report.orphans))
+        _warm_up()
 
     def ready() -> None:
         print(f"imagefs agent: serving {work} (pid {os.getpid()})", flush=True)
 
-    return Agent(work, lambda request: _agent_task(args, request, standbys), standbys).serve(ready)
+    return Agent(work, lambda request: _agent_task(args, request, standbys), standbys).serve(ready, start)
 
 
 def _warm_up() -> None:

@@ -109,8 +109,9 @@ class Agent:
         self._prepare = prepare
         self.standbys = standbys
 
-    def serve(self, ready: Callable[[], None] = lambda: None) -> int:
-        """Serve until a stop signal; *ready* is called once connections are accepted."""
+    def serve(self, ready: Callable[[], None] = lambda: None, start: Callable[[], None] = lambda: None) -> int:
+        """Serve until a stop signal. *start* runs once this agent holds the work dir (recovery,
+        imports), before it listens; *ready* once connections are accepted."""
         directory = run_dir(self.work_dir)
         os.makedirs(directory, exist_ok=True)
         lock = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -121,6 +122,7 @@ class Agent:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise InputError("agent", f"another agent serves {self.work_dir} already") from None
+            start()
             path = via_dir_fd(dir_fd, SOCKET_NAME)
             try:
                 os.unlink(path)   # an agent that died left it; the lock says none serves now

@@ -192,3 +192,20 @@ def test_a_run_after_the_agent_stopped_runs_in_the_client(launcher, image):
     assert a.proc.returncode == 0 and not a.socket.exists()
     r = launcher.run("run", image, "--", "echo", "alone")
     assert r.returncode == 0 and r.stdout == "alone\n", r.stderr
+
+
+@needs_fuse
+def test_an_agent_recovers_the_work_dir_before_it_serves(launcher, image):
+    """A detached container whose task ended while nobody watched is destroyed by the recovery an
+    agent runs when it starts (as a Mesos agent does), before it accepts a run."""
+    r = launcher.run("run", "--no-agent", "-d", "--name", "r1", image, "--", "sh", "-c", "exit 4")
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: "ended" in launcher.run("ps").stdout, 60, "the detached task to end")
+    a = Agent(launcher)
+    try:
+        assert a.ready.startswith("imagefs agent: serving"), a.log_text()
+        row = next(line for line in launcher.run("ps").stdout.splitlines() if line.startswith("r1 "))
+        assert "exited 4" in row
+    finally:
+        a.stop()
+    assert a.proc.returncode == 0
