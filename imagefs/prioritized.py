@@ -25,13 +25,11 @@ once, at the end. Failures are logged and left to the mount, whose reads fetch w
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from imagefs.chunkcache import ChunkCache
-from imagefs.entry import EntryType
 from imagefs.errors import ImagefsError
 from imagefs.index import DEFAULT_CHUNK_SIZE, LayerIndex
 from stores.model import Layer
@@ -139,42 +137,27 @@ class PrioritizedFetch:
 
 
 def profile_ranges(store: Store, record: ImageRecord, paths: list[str]) -> list[tuple[Layer, LayerIndex, int, int]]:
-    """(layer, its index, compressed start, end) of each of *paths* (an access profile: regular
-    files of the image, in order) that a remote layer holds, as the mount's read-ahead on opening
-    it would fetch (LayerReader.readahead_extent). A path is served by the topmost layer that has
-    an entry for it (the profile was recorded on the union, where it was a file, so no layer above
-    that one hides it); a hardlink by its target's data. Layers held whole, or without a gzip or
-    zstd index of their own (eStargz TOCs, plain tars), are left out."""
+    """(layer, its index, compressed start, end) of each of *paths* (an access profile) that a
+    remote layer serves, in profile order, as the mount's read-ahead on opening it would fetch
+    (LayerReader.readahead_extent); which layer serves a path is the union's answer
+    (profile_points.profiled_files). Layers held whole are left out, and so is an image with a
+    layer lacking a gzip or zstd index of its own (an eStargz TOC: `layer` handles those)."""
     from imagefs.layerread import LayerReader
+    from imagefs.profile_points import profiled_files
 
-    wanted = {os.fsencode(p): n for n, p in enumerate(paths)}
-    found: dict[bytes, tuple[int, int, int]] = {}   # path -> (layer position, data offset, size)
-    usable: dict[int, tuple[Layer, LayerIndex]] = {}
     layers = record.image.layers
-    for pos in reversed(range(len(layers))):
-        layer = layers[pos]
-        index = _published_index(store, layer)
-        if index is None:
-            break   # what this layer holds is not known here: nothing below it can be trusted to serve
-        by_path = {e.path: e for e in index.entries}
-        for path in wanted.keys() - found.keys():
-            entry = by_path.get(path)
-            if entry is not None and entry.type == EntryType.HARDLINK:
-                entry = by_path.get(entry.linkname)
-            if entry is not None:   # the topmost layer with the path serves it, file or not
-                found[path] = (pos, entry.offset, entry.size if entry.type == EntryType.FILE else 0)
-        if index.compression != "none" and not store.has_blob(layer.digest):
-            usable[pos] = (layer, index)
-    ranges = []
+    indexes = [_published_index(store, layer) for layer in layers]
+    if any(index is None for index in indexes):
+        return []
     readers: dict[int, LayerReader] = {}
-    for path in sorted(found, key=wanted.__getitem__):
-        pos, offset, size = found[path]
-        if pos not in usable or not size:
+    ranges = []
+    for position, offset, size in profiled_files(indexes, paths):
+        layer, index = layers[position], indexes[position]
+        if index.compression == "none" or store.has_blob(layer.digest):
             continue
-        layer, index = usable[pos]
-        reader = readers.get(pos)
+        reader = readers.get(position)
         if reader is None:
-            reader = readers[pos] = LayerReader(index, _no_fetch, fetch_index=_no_fetch)
+            reader = readers[position] = LayerReader(index, _no_fetch, fetch_index=_no_fetch)
         start, end = reader.readahead_extent(offset, size)
         ranges.append((layer, index, start, end))
     return ranges

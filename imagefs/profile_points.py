@@ -40,19 +40,28 @@ log = logging.getLogger(__name__)
 _READ = 1 << 20  # bytes per read of a local blob
 
 
+def profiled_files(indexes: list[LayerIndex], paths: list[str]) -> list[tuple[int, int, int]]:
+    """(layer position, data offset, size) of each of *paths* that the union of *indexes* (one per
+    image layer, bottom first) serves as a non-empty regular file, in profile order, each once."""
+    tree = Tree.build([ix.entries for ix in indexes], warn=lambda msg: None)  # said when it was pulled
+    files: dict[tuple[int, int, int], None] = {}
+    for path in paths:
+        ino = tree.resolve(os.fsencode(path))
+        location = tree.node(ino).location if ino is not None else None
+        if location is not None and location.size > 0:
+            files.setdefault((location.layer, location.offset, location.size), None)
+    return list(files)
+
+
 def profile_extents(image: Image, indexes: list[LayerIndex], paths: list[str],
                     gap: int = zran.MIN_LEAD) -> dict[str, list[tuple[int, int]]]:
     """Layer digest -> the [start, end) extents of its uncompressed tar holding the data of the
     profiled regular files the union of *indexes* (one per image layer, bottom first) serves from
     it, sorted; files less than *gap* apart (tar headers, small unprofiled files) make one extent,
     read in one go rather than restarted between them."""
-    tree = Tree.build([ix.entries for ix in indexes], warn=lambda msg: None)  # said when it was pulled
     files: dict[str, set[tuple[int, int]]] = {layer.digest: set() for layer in image.layers}
-    for path in paths:
-        ino = tree.resolve(os.fsencode(path))
-        location = tree.node(ino).location if ino is not None else None
-        if location is not None and location.size > 0:
-            files[image.layers[location.layer].digest].add((location.offset, location.offset + location.size))
+    for position, offset, size in profiled_files(indexes, paths):
+        files[image.layers[position].digest].add((offset, offset + size))
     out: dict[str, list[tuple[int, int]]] = {}
     for digest, spans in files.items():
         merged: list[tuple[int, int]] = []
