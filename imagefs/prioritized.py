@@ -168,9 +168,11 @@ def _published_index(store: Store, layer: Layer) -> LayerIndex | None:
     if layer.toc_digest and store.has_toc(layer.digest):
         return None
     try:
-        if store.has_full_index(layer.digest):
-            data = store.read_index(layer.digest)
-            return LayerIndex.from_meta(data[:LayerIndex.meta_length(data[:20], layer.digest)], layer.digest)
+        if store.has_full_index(layer.digest):   # its metadata part only, not its windows
+            with open(store.index_path(layer.digest), "rb") as f:
+                head = f.read(20)
+                return LayerIndex.from_meta(head + f.read(LayerIndex.meta_length(head, layer.digest) - 20),
+                                            layer.digest)
         meta, _remote = store.read_index_meta(layer.digest)
         return LayerIndex.from_meta(meta, layer.digest)
     except (ImagefsError, OSError, ValueError):

@@ -169,6 +169,8 @@ class Agent:
                                                                      struct.calcsize("3i")))
                 request = next(stream, None)
                 if request is None or uid != os.geteuid() or len(messages.fds) != 2:
+                    log.warning("agent: dropped a connection from pid %d (uid %d): not a run request of ours",
+                                pid, uid)
                     return
                 try:
                     task = self._prepare(request)
